@@ -1,0 +1,31 @@
+# The README's two commands are `make run` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: help install run test lint clean
+
+help: ## list the targets
+	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP) ## create .venv and install the project with its test extras (idempotent)
+
+run: $(STAMP) ## the embedded stack (not finished yet: see README)
+	$(BIN)/pipeline dev
+
+lint: $(STAMP) ## ruff and mypy
+	$(BIN)/ruff check pipeline tests
+	$(BIN)/mypy
+
+test: $(STAMP) lint ## the whole suite, ruff and mypy included
+	$(BIN)/python -m pytest
+
+clean: ## remove the virtualenv and local data
+	rm -rf $(VENV) var

@@ -1,0 +1,1 @@
+"""Kafka-protocol brokers: the embedded one, and topic administration."""

@@ -1,0 +1,75 @@
+"""The pure step the profile agent runs per event: ``(state, event, now) -> (state, outputs)``.
+
+In the manner of bytewax's ``stateful_map``: no I/O, no clock, no Faust; the agent reads the
+state, calls this, writes the state and sends the outputs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from pipeline.events import Event
+from pipeline.profile import ProfileState, columns, fold, is_duplicate, new_profile
+from pipeline.segments.definitions import Segment
+from pipeline.segments.membership import SegmentChange, diff, evaluate
+
+
+@dataclass(frozen=True)
+class Config:
+    half_life_days: float = 30.0
+    dedup_window: int = 64
+
+
+@dataclass
+class StepResult:
+    state: ProfileState
+    changes: list[SegmentChange] = field(default_factory=list)
+    row: dict[str, Any] | None = None  # the profile's columns, when it changed
+    duplicate: bool = False
+
+
+def to_datetime(ms: int) -> datetime:
+    return datetime.fromtimestamp(ms / 1000, tz=UTC)
+
+
+def step(state: ProfileState | None, key: str, event: Event, now_ms: int, segments: Sequence[Segment],
+         config: Config = Config()) -> StepResult:
+    """Fold one event into the customer's state and emit the segment transitions it causes."""
+    if state is None:
+        state = new_profile(key)
+    if event.event_id and is_duplicate(state, event.event_id):
+        return StepResult(state, duplicate=True)
+    fold(state, event, now_ms, half_life_days=config.half_life_days, dedup_window=config.dedup_window)
+    return _reevaluate(state, now_ms, segments, config, cause=event.event_id)
+
+
+def reevaluate(state: ProfileState, now_ms: int, segments: Sequence[Segment], config: Config = Config(),
+               *, cause: str = "time") -> StepResult:
+    """Evaluate the segments again with no new event (time passed, definitions changed)."""
+    result = _reevaluate(state, now_ms, segments, config, cause=cause, bump=True)
+    return result
+
+
+def _reevaluate(state: ProfileState, now_ms: int, segments: Sequence[Segment], config: Config, *,
+                cause: str, bump: bool = False) -> StepResult:
+    row = columns(state, now_ms, half_life_days=config.half_life_days)
+    members = evaluate(row, segments, to_datetime(now_ms))
+    if bump and members == set(state.segments):
+        return StepResult(state)
+    if bump:
+        state.version += 1
+        state.updated_at = now_ms
+        row["version"] = state.version
+        row["updated_at"] = to_datetime(now_ms)
+    changes = diff(state.segments, members, customer_id=state.customer_id, at=now_ms,
+                   version=state.version, cause=cause)
+    for change in changes:
+        if change.change == "entered":
+            state.segments[change.segment_id] = now_ms
+        else:
+            state.segments.pop(change.segment_id, None)
+    row["segments"] = sorted(state.segments)
+    return StepResult(state, changes, row)

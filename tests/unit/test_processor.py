@@ -1,0 +1,93 @@
+import random
+from dataclasses import replace
+
+from pipeline.events import Event, Item
+from pipeline.processor import reevaluate, step
+from pipeline.profile import DAY_MS, columns, new_profile
+from pipeline.segments.definitions import parse_segments
+
+T0 = 1_790_000_000_000
+SEGMENTS = parse_segments("""segments:
+  - id: buyers
+    where: orders_count >= 1
+  - id: recent_buyers
+    where: orders_30d >= 1
+  - id: cooks
+    where: has(survey_interests, 'cooking') AND category_affinity['cookware'] >= 0.3
+    requires_consent: marketing
+""")
+
+
+def purchase(event_id, at, total=10.0, kind="purchase"):
+    return Event(event_id=event_id, source="pos", type=kind, occurred_at=at, customer_id="c1", total=total,
+                 channel="store", items=[Item("s", "cookware", 1, total)])
+
+
+def test_purchase_enters_buyers_then_time_exits_recent():
+    result = step(None, "c1", purchase("e1", T0), T0, SEGMENTS)
+    assert [(c.segment_id, c.change, c.cause) for c in result.changes] == [
+        ("buyers", "entered", "e1"), ("recent_buyers", "entered", "e1")]
+    assert result.state.version == 1
+    later = reevaluate(result.state, T0 + 30 * DAY_MS + 1, SEGMENTS)
+    assert [(c.segment_id, c.change, c.cause) for c in later.changes] == [("recent_buyers", "exited", "time")]
+    assert later.state.version == 2
+    assert reevaluate(later.state, T0 + 31 * DAY_MS, SEGMENTS).changes == []
+
+
+def test_duplicates_are_dropped():
+    first = step(None, "c1", purchase("e1", T0), T0, SEGMENTS)
+    again = step(first.state, "c1", purchase("e1", T0), T0, SEGMENTS)
+    assert again.duplicate and again.changes == [] and again.state.orders_count == 1
+
+
+def test_window_is_half_open():
+    state = step(None, "c1", purchase("e1", T0), T0, SEGMENTS).state
+    # (now - 30 days, now]: an order exactly 30 days old is out, one a millisecond younger is in
+    assert columns(state, T0 + 30 * DAY_MS - 1)["orders_30d"] == 1
+    assert columns(state, T0 + 30 * DAY_MS)["orders_30d"] == 0
+    assert columns(state, T0 - 1)["orders_30d"] == 0  # not yet happened
+
+
+def test_refund_reduces_value():
+    state = step(None, "c1", purchase("e1", T0, 30.0), T0, SEGMENTS).state
+    state = step(state, "c1", purchase("e2", T0 + 1, 10.0, "refund"), T0 + 1, SEGMENTS).state
+    row = columns(state, T0 + 2)
+    assert row["lifetime_value"] == 20.0 and row["orders_count"] == 1 and row["spend_30d"] == 20.0
+
+
+def test_consent_gates_membership_and_revocation_exits():
+    survey = Event(event_id="s1", source="surveys", type="survey", occurred_at=T0, customer_id="c1",
+                   survey_id="q", interests=["cooking"])
+    consent = Event(event_id="k1", source="crm", type="consent", occurred_at=T0, customer_id="c1", marketing=True)
+    state = None
+    for event in (purchase("e1", T0), survey):
+        result = step(state, "c1", event, T0, SEGMENTS)
+        state = result.state
+    assert "cooks" not in state.segments
+    result = step(state, "c1", consent, T0, SEGMENTS)
+    assert ("cooks", "entered") in [(c.segment_id, c.change) for c in result.changes]
+    revoke = replace(consent, event_id="k2", occurred_at=T0 + 1, marketing=False)
+    result = step(result.state, "c1", revoke, T0 + 1, SEGMENTS)
+    assert ("cooks", "exited") in [(c.segment_id, c.change) for c in result.changes]
+
+
+def test_order_of_events_does_not_change_the_profile():
+    events = [purchase(f"e{i}", T0 - i * DAY_MS, 5.0 + i) for i in range(10)]
+    events.append(Event(event_id="n1", source="surveys", type="survey", occurred_at=T0 - DAY_MS, customer_id="c1",
+                        survey_id="nps", nps=3))
+    events.append(Event(event_id="n2", source="surveys", type="survey", occurred_at=T0, customer_id="c1",
+                        survey_id="nps", nps=9))
+    now = T0 + 1000
+    reference = None
+    for seed in range(5):
+        shuffled = events[:]
+        random.Random(seed).shuffle(shuffled)
+        state = new_profile("c1")
+        for event in shuffled:
+            state = step(state, "c1", event, now, SEGMENTS).state
+        row = columns(state, now)
+        row.pop("updated_at")
+        if reference is None:
+            reference = row
+        assert row == reference
+    assert reference["nps"] == 9
