@@ -41,5 +41,35 @@ def dev() -> None:
     raise typer.Exit(2)
 
 
+@app.command("worker")
+def worker() -> None:
+    """Run the service: one faust worker against PIPELINE_BROKER and PIPELINE_CLICKHOUSE_URL.
+
+    Example: PIPELINE_BROKER=kafka://127.0.0.1:9092 pipeline worker
+    """
+    import logging
+
+    from faust.worker import Worker
+
+    from pipeline.app import create_app
+    from pipeline.broker.topics import ensure_topics, product_topics
+    from pipeline.segments.definitions import load_segments
+    from pipeline.settings import load_settings
+
+    try:
+        settings = load_settings()
+        if settings.embedded_broker:
+            raise PipelineError("pipeline worker needs PIPELINE_BROKER=kafka://host:port "
+                                "(pipeline dev starts an embedded broker)")
+        segments = load_segments(settings.segments_path)
+        ensure_topics(settings.bootstrap_servers, product_topics(settings), settings.partitions)
+    except PipelineError as exc:
+        err.print(f"[red]error:[/red] {exc}", highlight=False)
+        raise typer.Exit(1) from None
+    logging.basicConfig(level=settings.log_level.upper())
+    faust_app = create_app(settings, segments)
+    Worker(faust_app, loglevel=settings.log_level).execute_from_commandline()
+
+
 def main() -> None:
     app()
