@@ -34,11 +34,21 @@ def segments_validate(path: Path = typer.Argument(..., help="YAML file or direct
 
 
 @app.command("dev")
-def dev() -> None:
-    """The embedded stack with synthetic traffic (not built yet)."""
-    err.print("pipeline dev is not built yet: the embedded stack is issue 2, in progress. "
-              "See README.md for what works today.")
-    raise typer.Exit(2)
+def dev(rate: float = typer.Option(200.0, help="synthetic events per second"),
+        customers: int = typer.Option(500, help="synthetic customers"),
+        seed: int = typer.Option(7, help="seed of the synthetic traffic")) -> None:
+    """Embedded broker + worker + chDB + synthetic traffic, with live segment sizes until Ctrl-C.
+
+    Example: pipeline dev --rate 500
+    """
+    from pipeline.dev import run_dev
+    from pipeline.settings import load_settings
+
+    try:
+        run_dev(load_settings(), rate=rate, customers=customers, seed=seed)
+    except PipelineError as exc:
+        err.print(f"[red]error:[/red] {exc}", highlight=False)
+        raise typer.Exit(1) from None
 
 
 @app.command("worker")
