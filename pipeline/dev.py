@@ -59,7 +59,7 @@ def run_dev(settings: Settings, *, rate: float = 200.0, customers: int = 500, se
         consumer.seek_to_beginning()
         sizes: Counter[str] = Counter()
         produced = changes = 0
-        started = time.monotonic()
+        started = last_line = time.monotonic()
         messages = traffic(customers=customers, seed=seed, start_ms=int(time.time() * 1000) - 3_600_000,
                            step_ms=50)
         try:
@@ -79,6 +79,10 @@ def run_dev(settings: Settings, *, rate: float = 200.0, customers: int = 500, se
                         console.print(f"[red]the worker exited ({worker.returncode}); see {data_dir}/worker.log")
                         break
                     live.update(_view(sizes, produced, changes, started))
+                    if not console.is_terminal and time.monotonic() - last_line >= 2:
+                        # Piped output: Live redraws nothing, so print one line of sizes instead.
+                        last_line = time.monotonic()
+                        print("sizes: " + " ".join(f"{k}={v}" for k, v in sorted(sizes.items())), flush=True)
                     time.sleep(max(0.0, 0.2 - (time.monotonic() - tick)))
         except KeyboardInterrupt:
             pass

@@ -77,6 +77,9 @@ class EmbeddedBroker:
                  "--storage-engine", "memory://tansu/"],
                 stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                 preexec_fn=_die_with_parent,  # noqa: PLW1509 - no threads are started before this
+                # Its own session: a terminal Ctrl-C reaches the parent, which stops the worker
+                # first and the broker last (the worker would otherwise lose its broker mid-stop).
+                start_new_session=True,
                 env={**os.environ, "RUST_LOG": os.environ.get("RUST_LOG", "warn")},
             )
         try:
