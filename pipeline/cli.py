@@ -81,5 +81,58 @@ def worker() -> None:
     Worker(faust_app, loglevel=settings.log_level).execute_from_commandline()
 
 
+def _client_and_db(data_dir: Path | None) -> tuple[object, str]:
+    from pipeline.settings import load_settings
+    from pipeline.sinks.clickhouse import connect
+
+    overrides = {"data_dir": data_dir} if data_dir is not None else {}
+    settings = load_settings(**overrides)
+    if settings.embedded_clickhouse and not (settings.data_dir / "clickhouse").exists():
+        raise PipelineError(f"no embedded ClickHouse data under {settings.data_dir}: "
+                            "run pipeline dev or a worker first")
+    return connect(settings.clickhouse_dsn, database=settings.clickhouse_database), settings.clickhouse_database
+
+
+@app.command("cohort")
+def cohort_command(segment: str = typer.Argument(..., help="segment id"),
+                   data_dir: Path | None = typer.Option(None, "--data-dir", help="local data (default ./var)"),
+                   fmt: str = typer.Option("table", "--format", help="table, json or csv")) -> None:
+    """The current members of a segment, from ClickHouse.
+
+    Example: pipeline cohort buyers --data-dir var --format json
+    """
+    import csv
+    import json
+    import sys
+
+    from rich.table import Table
+
+    from pipeline.cohorts import cohort
+
+    if fmt not in ("table", "json", "csv"):
+        err.print("--format must be table, json or csv")
+        raise typer.Exit(2)
+    try:
+        client, database = _client_and_db(data_dir)
+        members = cohort(client, database, segment)
+    except PipelineError as exc:
+        err.print(f"[red]error:[/red] {exc}", highlight=False)
+        raise typer.Exit(1) from None
+    if fmt == "json":
+        print(json.dumps([{**m, "since": m["since"].isoformat()} for m in members]))
+    elif fmt == "csv":
+        out_csv = csv.writer(sys.stdout)
+        out_csv.writerow(["customer_id", "since", "anonymous_ids"])
+        for m in members:
+            out_csv.writerow([m["customer_id"], m["since"].isoformat(), " ".join(m["anonymous_ids"])])
+    else:
+        table = Table(title=f"{segment}: {len(members)} members")
+        for column in ("customer_id", "since", "anonymous_ids"):
+            table.add_column(column)
+        for m in members:
+            table.add_row(m["customer_id"], m["since"].isoformat(), ", ".join(m["anonymous_ids"]))
+        out.print(table)
+
+
 def main() -> None:
     app()

@@ -54,13 +54,11 @@ def test_pos_purchase_enters_buyers(broker, unique, tmp_path):
             worker.kill()
             worker.wait()
         log_file.close()
-    # chDB serves one data directory per process: read the worker's from a fresh process.
-    script = ("import json, sys\n"
-              "from pipeline.cohorts import cohort\n"
-              "from pipeline.sinks.clickhouse import connect\n"
-              "members = cohort(connect('chdb://' + sys.argv[1]), 'segments', 'buyers')\n"
-              "print(json.dumps([m['customer_id'] for m in members]))\n")
-    read = subprocess.run([sys.executable, "-c", script, str((tmp_path / "data" / "clickhouse").resolve())],
-                          capture_output=True, text=True, timeout=120)
+    # chDB serves one data directory per process: ask the CLI, in its own process.
+    read = subprocess.run([sys.executable, "-m", "pipeline", "cohort", "buyers", "--data-dir",
+                           str(tmp_path / "data"), "--format", "json"],
+                          capture_output=True, text=True, timeout=120, env=env)
     assert read.returncode == 0, read.stderr[-2000:]
-    assert json.loads(read.stdout.strip().splitlines()[-1]) == ["cust-1"]
+    members = json.loads(read.stdout)
+    assert [(m["customer_id"], m["anonymous_ids"]) for m in members] == [("cust-1", [])]
+    assert members[0]["since"]
