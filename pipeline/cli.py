@@ -134,5 +134,33 @@ def cohort_command(segment: str = typer.Argument(..., help="segment id"),
         out.print(table)
 
 
+@app.command("sql")
+def sql_command(query: str = typer.Argument(..., help="one read-only statement"),
+                data_dir: Path | None = typer.Option(None, "--data-dir", help="local data (default ./var)")) -> None:
+    """A read-only query on the product's ClickHouse (SELECT, WITH, SHOW, DESCRIBE, EXPLAIN).
+
+    Example: pipeline sql "SELECT error_class, count() FROM segments.dead_letters GROUP BY 1" --data-dir var
+    """
+    from rich.table import Table
+
+    from pipeline.cohorts import run_sql
+
+    try:
+        client, _ = _client_and_db(data_dir)
+        names, rows = run_sql(client, query)
+    except PipelineError as exc:
+        err.print(f"[red]error:[/red] {exc}", highlight=False)
+        raise typer.Exit(1) from None
+    except Exception as exc:  # noqa: BLE001 - ClickHouse's own message is the useful sentence
+        err.print(f"[red]ClickHouse refused the query:[/red] {str(exc).splitlines()[0][:500]}", highlight=False)
+        raise typer.Exit(1) from None
+    table = Table()
+    for name in names:
+        table.add_column(name)
+    for row in rows:
+        table.add_row(*(str(v) for v in row))
+    out.print(table)
+
+
 def main() -> None:
     app()
