@@ -18,6 +18,7 @@ from pipeline.broker.embedded import EmbeddedBroker
 from pipeline.broker.topics import SEGMENT_CHANGES, ensure_topics, product_topics
 from pipeline.codecs import decode_change
 from pipeline.generate import traffic
+from pipeline.processes import stop_process
 from pipeline.settings import Settings, environment_for_child
 
 
@@ -90,11 +91,5 @@ def run_dev(settings: Settings, *, rate: float = 200.0, customers: int = 500, se
             console.print("stopping…")
             producer.close()
             consumer.close()
-            if worker.poll() is None:
-                worker.send_signal(signal.SIGTERM)
-                try:
-                    worker.wait(60)
-                except subprocess.TimeoutExpired:
-                    worker.kill()
-                    worker.wait()
+            stop_process(worker)
             log.close()

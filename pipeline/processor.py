@@ -49,8 +49,7 @@ def step(state: ProfileState | None, key: str, event: Event, now_ms: int, segmen
 def reevaluate(state: ProfileState, now_ms: int, segments: Sequence[Segment], config: Config = Config(),
                *, cause: str = "time") -> StepResult:
     """Evaluate the segments again with no new event (time passed, definitions changed)."""
-    result = _reevaluate(state, now_ms, segments, config, cause=cause, bump=True)
-    return result
+    return _reevaluate(state, now_ms, segments, config, cause=cause, bump=True)
 
 
 def _reevaluate(state: ProfileState, now_ms: int, segments: Sequence[Segment], config: Config, *,

@@ -14,14 +14,13 @@ from typing import Any
 import fastavro
 
 SCHEMAS_DIR = Path(__file__).resolve().parent.parent / "schemas"
-_PACKAGED = Path(__file__).resolve().parent / "_schemas"
 
 INPUT_SCHEMAS = {"clickstream": "clickstream", "pos": "pos", "crm": "crm", "surveys": "surveys"}
 OUTPUT_SCHEMAS = ("segment_change", "profile_update", "dead_letter")
 
 
 def schemas_dir() -> Path:
-    return SCHEMAS_DIR if SCHEMAS_DIR.is_dir() else _PACKAGED
+    return SCHEMAS_DIR
 
 
 @cache

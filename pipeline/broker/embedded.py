@@ -20,6 +20,7 @@ from pathlib import Path
 from types import TracebackType
 
 from pipeline.errors import BrokerError
+from pipeline.processes import stop_process
 
 log = logging.getLogger(__name__)
 PR_SET_PDEATHSIG = 1
@@ -118,14 +119,8 @@ class EmbeddedBroker:
 
     def stop(self, timeout: float = 10.0) -> None:
         process, self.process = self.process, None
-        if process is None or process.poll() is not None:
-            return
-        process.terminate()
-        try:
-            process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout)
+        if process is not None:
+            stop_process(process, timeout=timeout)
 
     def __enter__(self) -> EmbeddedBroker:
         return self.start()

@@ -7,6 +7,8 @@ import subprocess
 import sys
 import time
 
+from pipeline.processes import stop_process
+
 
 def test_dev_shows_sizes_and_stops_cleanly(tmp_path):
     env = {**os.environ, "PIPELINE_DATA_DIR": str(tmp_path / "var"), "PIPELINE_STORE": "memory://",
@@ -16,12 +18,7 @@ def test_dev_shows_sizes_and_stops_cleanly(tmp_path):
     try:
         _check(dev)
     finally:
-        if dev.poll() is None:  # a failed check must not leave the stack running
-            dev.send_signal(signal.SIGINT)
-            try:
-                dev.wait(90)
-            except subprocess.TimeoutExpired:
-                dev.kill()
+        stop_process(dev, sig=signal.SIGINT, timeout=90)  # a failed check must not leave the stack running
 
 
 def _check(dev):

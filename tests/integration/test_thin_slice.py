@@ -2,7 +2,6 @@
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -10,6 +9,7 @@ import time
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
 from pipeline.codecs import decode_change
+from pipeline.processes import stop_process
 
 
 def test_pos_purchase_enters_buyers(broker, unique, tmp_path):
@@ -47,12 +47,7 @@ def test_pos_purchase_enters_buyers(broker, unique, tmp_path):
             ("cust-1", "buyers", "entered", f"tx-{unique}")]
         time.sleep(3)  # the sink's batch window is 0.5 s; the check below is on ClickHouse itself
     finally:
-        worker.send_signal(signal.SIGTERM)
-        try:
-            worker.wait(60)
-        except subprocess.TimeoutExpired:
-            worker.kill()
-            worker.wait()
+        stop_process(worker)
         log_file.close()
     # chDB serves one data directory per process: ask the CLI, in its own process.
     read = subprocess.run([sys.executable, "-m", "pipeline", "cohort", "buyers", "--data-dir",
