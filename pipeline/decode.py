@@ -1,28 +1,37 @@
 """decode(bytes) -> Event | DeadLetter: never raises, never drops silently.
 
-Encodings, told apart by the first byte:
+Encodings, told apart by the first bytes (docs/formats.md):
 
 * ``0x00``: Avro in the Confluent wire format (magic byte 0, 4-byte big-endian schema id,
-  then the Avro body). With a Schema Registry the writer schema is fetched by id and
-  resolved to the reader schema of ``schemas/``; without one the body must be written with
-  the topic's schema in ``schemas/`` (the id is then not looked up).
+  then the Avro body). Id 0 means "written with the topic's schema in ``schemas/``"; any other
+  id is looked up in the Schema Registry (``RegistrySchemas``; without one it is refused).
+* ``0xC3 0x01``: Avro single-object encoding (8-byte little-endian CRC-64-AVRO fingerprint of
+  the writer schema, then the body); the writer schema is found by fingerprint in ``schemas/``.
 * ``{`` (after optional white space): JSON with the Avro field names; timestamps as ISO-8601
-  strings or epoch milliseconds.
+  strings or epoch milliseconds; unknown fields are ignored, missing ones take the defaults.
 * anything else is dead-lettered as ``unknown_encoding``.
+
+Avro bodies are read with writer-to-reader schema resolution: the reader schema is the
+worker's own (``resolver.reader(source)``), so producers and workers may be on different
+compatible versions. Schema lookups come from the injected ``resolver``
+(``pipeline.registry.SchemaSource``); lookup failures become dead letters too.
 """
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import io
 import json
 import math
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 import fastavro
+from fastavro.read import SchemaResolutionError
 
 from pipeline import schemas
 from pipeline.events import (
@@ -35,6 +44,11 @@ from pipeline.events import (
     Item,
 )
 from pipeline.identity import clean_id, hash_email
+from pipeline.registry import SchemaLookupError, SchemaSource, canonical_fingerprint, default_schemas
+
+MAGIC_CONFLUENT = 0
+MAGIC_SINGLE_OBJECT = b"\xc3\x01"
+LOCAL_SCHEMA_ID = 0  # Confluent framing: "written with the topic's schema in schemas/"
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,12 +69,12 @@ class Invalid(Exception):
         self.message = message
 
 
-SchemaLookup = Callable[[int], Any]  # schema id -> parsed writer schema
-
-
 def decode(source: str, data: bytes, *, now_ms: int, limits: Limits = Limits(),
-           registry: SchemaLookup | None = None) -> Event | DeadLetter:
-    """Decode and normalize one message of input ``source`` (clickstream, pos, crm, surveys)."""
+           resolver: SchemaSource | None = None) -> Event | DeadLetter:
+    """Decode and normalize one message of input ``source`` (clickstream, pos, crm, surveys).
+
+    ``resolver`` gives the reader and writer schemas (default: ``schemas/``, no registry).
+    """
     try:
         if source not in schemas.INPUT_SCHEMAS:
             raise Invalid("unknown_source", f"no input schema for topic kind {source!r}")
@@ -69,7 +83,7 @@ def decode(source: str, data: bytes, *, now_ms: int, limits: Limits = Limits(),
         if len(data) > limits.max_message_bytes:
             raise Invalid("message_too_large",
                           f"the message has {len(data)} bytes, over the limit of {limits.max_message_bytes}")
-        record = _parse(source, data, registry)
+        record = read_record(source, data, resolver=resolver)
         return normalize(source, record, now_ms=now_ms, limits=limits)
     except Invalid as exc:
         return DeadLetter(bytes(data or b""), exc.error_class, exc.message)
@@ -77,10 +91,49 @@ def decode(source: str, data: bytes, *, now_ms: int, limits: Limits = Limits(),
         return DeadLetter(bytes(data or b""), "decode_error", f"{type(exc).__name__}: {exc}")
 
 
-def _parse(source: str, data: bytes, registry: SchemaLookup | None) -> dict[str, Any]:
+def schema_id_of(data: bytes | None) -> int | None:
+    """The Confluent schema id of a message in that framing (0: local schema), else None.
+
+    Lets an agent find the ids of a batch and prefetch them off the event loop.
+    """
+    if data is None or len(data) < 5 or data[0] != MAGIC_CONFLUENT:
+        return None
+    (schema_id,) = struct.unpack(">I", data[1:5])
+    return int(schema_id)
+
+
+def read_record(source: str, data: bytes, *, resolver: SchemaSource | None = None) -> dict[str, Any]:
+    """The message as a record of the worker's reader schema (before normalization).
+
+    Raises ``Invalid`` (with ``error_class`` and ``message``) when it cannot be read.
+    """
+    if not data:
+        raise Invalid("empty_message", "the message is empty")
+    resolver = resolver if resolver is not None else default_schemas()
+    try:
+        reader = resolver.reader(source)
+    except SchemaLookupError as exc:
+        raise Invalid(exc.error_class, exc.message) from None
     first = data[0]
-    if first == 0:
-        return _parse_avro(source, data, registry)
+    if first == MAGIC_CONFLUENT:
+        if len(data) < 5:
+            raise Invalid("invalid_avro", "the Avro message is shorter than its 5-byte header")
+        (schema_id,) = struct.unpack(">I", data[1:5])
+        if schema_id == LOCAL_SCHEMA_ID:
+            return _read_avro(data, 5, reader.parsed, reader.parsed, reader.name, "schema id 0")
+        try:
+            writer = resolver.writer_by_id(schema_id)
+        except SchemaLookupError as exc:
+            raise Invalid(exc.error_class, exc.message) from None
+        return _read_avro(data, 5, writer, reader.parsed, reader.name, f"schema id {schema_id}")
+    if data[:2] == MAGIC_SINGLE_OBJECT:
+        if len(data) < 10:
+            raise Invalid("invalid_avro", "the single-object Avro message is shorter than its 10-byte header")
+        try:
+            writer = resolver.writer_by_fingerprint(bytes(data[2:10]))
+        except SchemaLookupError as exc:
+            raise Invalid(exc.error_class, exc.message) from None
+        return _read_avro(data, 10, writer, reader.parsed, reader.name, f"fingerprint {bytes(data[2:10]).hex()}")
     stripped = data.lstrip()
     if stripped[:1] == b"{":
         try:
@@ -93,31 +146,28 @@ def _parse(source: str, data: bytes, registry: SchemaLookup | None) -> dict[str,
             raise Invalid("invalid_json", f"invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from None
         if not isinstance(record, dict):
             raise Invalid("invalid_json", "the JSON message is not an object")
-        return _check_json(source, record)
+        _check_fields(reader.fields, record, "")
+        return record
     raise Invalid("unknown_encoding",
-                  "the message is neither JSON (starts with '{') nor Avro in the wire format (magic byte 0)")
+                  "the message is neither JSON (starts with '{') nor Avro in the Confluent wire format "
+                  "(magic byte 0) or the single-object encoding (C3 01)")
 
 
-def _parse_avro(source: str, data: bytes, registry: SchemaLookup | None) -> dict[str, Any]:
-    if len(data) < 5:
-        raise Invalid("invalid_avro", "the Avro message is shorter than its 5-byte header")
-    (schema_id,) = struct.unpack(">I", data[1:5])
-    reader = schemas.parsed_schema(schemas.INPUT_SCHEMAS[source])
-    writer = reader
-    if registry is not None:
-        try:
-            writer = registry(schema_id)
-        except LookupError:
-            raise Invalid("unknown_schema_id", f"schema id {schema_id} is not in the schema registry") from None
-    body = io.BytesIO(data[5:])
+def _read_avro(data: bytes, offset: int, writer: Any, reader: Any, reader_name: str, written_as: str
+               ) -> dict[str, Any]:
+    body = io.BytesIO(data[offset:])
     try:
-        record = fastavro.schemaless_reader(body, writer, reader)
+        record = fastavro.schemaless_reader(body, writer, reader if writer is not reader else None)
+    except SchemaResolutionError as exc:
+        raise Invalid("incompatible_schema",
+                      f"the writer schema ({written_as}) cannot be read as {reader_name}: {str(exc)[:200]}") from None
     except (EOFError, StopIteration, IndexError, struct.error):
         raise Invalid("invalid_avro", "the Avro body is truncated") from None
     except Exception as exc:  # noqa: BLE001 - fastavro raises many kinds
-        raise Invalid("invalid_avro", f"the Avro body cannot be read: {type(exc).__name__}: {exc}") from None
-    if body.tell() != len(data) - 5:
-        raise Invalid("invalid_avro", f"{len(data) - 5 - body.tell()} bytes left over after the Avro record")
+        raise Invalid("invalid_avro", f"the Avro body cannot be read: {type(exc).__name__}: {exc}"[:300]) from None
+    if body.tell() != len(data) - offset:
+        raise Invalid("invalid_avro", f"{len(data) - offset - body.tell()} bytes left over after the Avro record "
+                                      f"({written_as}): was it written with another schema?")
     if not isinstance(record, dict):
         raise Invalid("invalid_avro", "the Avro body is not a record")
     return record
@@ -128,6 +178,7 @@ _JSON_CHECKS: dict[str, Callable[[Any], bool]] = {
     "int": lambda v: isinstance(v, int) and not isinstance(v, bool),
     "long": lambda v: isinstance(v, int) and not isinstance(v, bool),
     "double": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v),
+    "float": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v),
     "boolean": lambda v: isinstance(v, bool),
     "timestamp": lambda v: (isinstance(v, (int, str)) and not isinstance(v, bool)),
     "map": lambda v: isinstance(v, dict) and all(isinstance(x, str) for x in v.values()),
@@ -135,11 +186,14 @@ _JSON_CHECKS: dict[str, Callable[[Any], bool]] = {
 
 
 def _check_fields(specs: tuple[schemas.FieldSpec, ...], record: dict[str, Any], where: str) -> None:
+    """Check a JSON record against the reader's field specs; fill the defaults of missing fields."""
     for spec in specs:
         value = record.get(spec.name)
         if value is None:
             if spec.required:
                 raise Invalid("missing_field", f"required field {where}{spec.name!r} is missing")
+            if spec.has_default and not (spec.nullable and spec.name in record):
+                record[spec.name] = copy.copy(spec.default)
             continue
         if spec.kind == "enum":
             if value not in spec.symbols:
@@ -152,16 +206,11 @@ def _check_fields(specs: tuple[schemas.FieldSpec, ...], record: dict[str, Any], 
                 if spec.item_kind == "record":
                     if not isinstance(element, dict):
                         raise Invalid("wrong_type", f"{where}{spec.name}[{index}] must be an object")
-                    _check_fields(schemas.item_specs(), element, f"{spec.name}[{index}].")
-                elif not _JSON_CHECKS[spec.item_kind](element):
+                    _check_fields(spec.item_fields, element, f"{where}{spec.name}[{index}].")
+                elif spec.item_kind not in _JSON_CHECKS or not _JSON_CHECKS[spec.item_kind](element):
                     raise Invalid("wrong_type", f"{where}{spec.name}[{index}] must be a {spec.item_kind}")
-        elif not _JSON_CHECKS[spec.kind](value):
+        elif spec.kind not in _JSON_CHECKS or not _JSON_CHECKS[spec.kind](value):
             raise Invalid("wrong_type", f"field {where}{spec.name!r} must be a {spec.kind}, got {type(value).__name__}")
-
-
-def _check_json(source: str, record: dict[str, Any]) -> dict[str, Any]:
-    _check_fields(schemas.field_specs(schemas.INPUT_SCHEMAS[source]), record, "")
-    return record
 
 
 def parse_time_ms(value: Any) -> int:
@@ -304,9 +353,44 @@ _NORMALIZERS: dict[str, Callable[[Event, dict[str, Any]], None]] = {
 }
 
 
-def encode_avro(source: str, record: dict[str, Any], schema_id: int = 0) -> bytes:
-    """Encode a record in the wire format read above (used by `produce` and tests)."""
+_PARSED_WRITERS: dict[str, Any] = {}
+
+
+def _writer_schema(source: str, schema: Mapping[str, Any] | None) -> Any:
+    if schema is None:
+        return schemas.parsed_schema(schemas.INPUT_SCHEMAS[source])
+    key = json.dumps(schema, sort_keys=True)
+    parsed = _PARSED_WRITERS.get(key)
+    if parsed is None:
+        parsed = _PARSED_WRITERS[key] = fastavro.parse_schema(dict(schema))
+    return parsed
+
+
+def _as_dict(record: Any) -> dict[str, Any]:
+    if dataclasses.is_dataclass(record) and not isinstance(record, type):
+        return dataclasses.asdict(record)
+    return dict(record)
+
+
+def encode_avro(source: str, record: Any, schema_id: int = LOCAL_SCHEMA_ID, *,
+                schema: Mapping[str, Any] | None = None) -> bytes:
+    """Avro in the Confluent wire format: ``00``, ``schema_id`` (4 bytes, big-endian), body.
+
+    ``record`` is a dict or a typed record of ``pipeline.schemas``; ``schema`` the writer
+    schema (default: the topic's schema in ``schemas/``, which is what id 0 stands for; with a
+    registry, pass the id ``RegistrySchemas.register`` returned for that schema).
+    """
     out = io.BytesIO()
-    out.write(b"\x00" + struct.pack(">I", schema_id))
-    fastavro.schemaless_writer(out, schemas.parsed_schema(schemas.INPUT_SCHEMAS[source]), record)
+    out.write(struct.pack(">bI", MAGIC_CONFLUENT, schema_id))
+    fastavro.schemaless_writer(out, _writer_schema(source, schema), _as_dict(record))
+    return out.getvalue()
+
+
+def encode_single_object(source: str, record: Any, *, schema: Mapping[str, Any] | None = None) -> bytes:
+    """Avro single-object encoding: ``C3 01``, CRC-64-AVRO fingerprint of the writer schema
+    (8 bytes, little-endian), body. Needs no registry: readers find the schema by fingerprint."""
+    raw = schema if schema is not None else schemas.raw_schema(schemas.INPUT_SCHEMAS[source])
+    out = io.BytesIO()
+    out.write(MAGIC_SINGLE_OBJECT + canonical_fingerprint(dict(raw)))
+    fastavro.schemaless_writer(out, _writer_schema(source, schema), _as_dict(record))
     return out.getvalue()

@@ -1,11 +1,15 @@
+import copy
 import json
+import shutil
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline.decode import Limits, decode, encode_avro
+from pipeline import schemas
+from pipeline.decode import Limits, decode, encode_avro, encode_single_object, read_record, schema_id_of
 from pipeline.events import DeadLetter, Event
 from pipeline.identity import hash_email
+from pipeline.registry import LocalSchemas, canonical_fingerprint
 
 NOW = 1_790_000_000_000  # 2026-09-21
 
@@ -15,6 +19,33 @@ def pos(**extra):
               "total": 42.5, "items": [{"sku": "s1", "category": "cookware", "quantity": 2, "unit_price": 21.25}]}
     record.update(extra)
     return record
+
+
+def click(**extra):
+    record = {"event_id": "e1", "occurred_at": NOW - 60_000, "anonymous_id": "a1", "type": "product_view",
+              "category": "cookware", "product_id": "p1", "price": 12.5}
+    record.update(extra)
+    return record
+
+
+def v2_clickstream():
+    """v2 of the clickstream schema: one added optional field with a default, in the middle
+    (resolution is by field name, not position)."""
+    raw = copy.deepcopy(schemas.raw_schema("clickstream"))
+    at = [f["name"] for f in raw["fields"]].index("session_id") + 1
+    raw["fields"].insert(at, {"name": "device", "type": "string", "default": "unknown",
+                              "doc": "Kind of device (added in v2)."})
+    return raw
+
+
+def v2_dir(tmp_path, keep_v1=False):
+    """A schemas directory whose clickstream schema is v2 (optionally keeping v1 as clickstream.v1.avsc)."""
+    target = tmp_path / "schemas-v2"
+    shutil.copytree(schemas.schemas_dir(), target)
+    if keep_v1:
+        shutil.copy(target / "clickstream.avsc", target / "clickstream.v1.avsc")
+    (target / "clickstream.avsc").write_text(json.dumps(v2_clickstream(), indent=1))
+    return target
 
 
 def test_json_pos_normalized():
@@ -77,3 +108,74 @@ json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.floats
                               json_values))
 def test_arbitrary_json_never_raises(source, record):
     assert isinstance(decode(source, json.dumps(record).encode(), now_ms=NOW), (Event, DeadLetter))
+
+
+# Encodings without a registry ------------------------------------------------------------
+
+
+def test_three_encodings_give_the_same_event():
+    as_json = decode("clickstream", json.dumps(click()).encode(), now_ms=NOW)
+    confluent = encode_avro("clickstream", click())
+    single = encode_single_object("clickstream", click())
+    assert confluent[:5] == b"\x00\x00\x00\x00\x00" and schema_id_of(confluent) == 0
+    assert single[:2] == b"\xc3\x01" and single[2:10] == canonical_fingerprint(schemas.raw_schema("clickstream"))
+    assert schema_id_of(single) is None and schema_id_of(b"{}") is None
+    assert isinstance(as_json, Event)
+    assert decode("clickstream", confluent, now_ms=NOW) == as_json == decode("clickstream", single, now_ms=NOW)
+
+
+def test_fingerprint_is_the_avro_crc64_of_the_canonical_form():
+    # Avro spec test vector: CRC-64-AVRO of the canonical form '"int"' is 0x7275d51a3f395c8f
+    assert canonical_fingerprint("int") == (0x7275D51A3F395C8F).to_bytes(8, "little")
+
+
+def test_registry_ids_without_a_registry_are_refused():
+    dead = decode("clickstream", encode_avro("clickstream", click(), 17), now_ms=NOW)
+    assert isinstance(dead, DeadLetter) and dead.error_class == "unknown_schema_id"
+    assert "schema id 17" in dead.error_message and "PIPELINE_SCHEMA_REGISTRY_URL" in dead.error_message
+    foreign = encode_single_object("clickstream", click(), schema=v2_clickstream())
+    dead = decode("clickstream", foreign, now_ms=NOW)
+    assert dead.error_class == "unknown_schema_fingerprint" and foreign[2:10].hex() in dead.error_message
+    assert decode("clickstream", b"\xc3\x01\x00", now_ms=NOW).error_class == "invalid_avro"
+
+
+def test_json_takes_defaults_and_ignores_unknown_fields():
+    record = read_record("pos", json.dumps({**pos(), "loyalty_points": 3}).encode())
+    assert record["channel"] == "store" and record["currency"] == "EUR" and record["kind"] == "purchase"
+    assert "loyalty_points" in record and record["items"][0]["sku"] == "s1"
+    assert read_record("pos", json.dumps(pos(channel=None)).encode())["channel"] == "store"
+    assert read_record("pos", json.dumps(pos(customer_id=None)).encode())["customer_id"] is None
+    line = read_record("pos", json.dumps(pos(items=[{"sku": "x"}])).encode())["items"][0]
+    assert line == {"sku": "x", "category": None, "quantity": 1, "unit_price": 0.0}
+
+
+# Item 6: schema evolution without a registry ----------------------------------------------
+
+
+def test_v1_data_read_by_a_v2_worker_without_registry(tmp_path):
+    v2_worker = LocalSchemas(v2_dir(tmp_path, keep_v1=True))
+    old = encode_single_object("clickstream", click())  # v1 producer
+    record = read_record("clickstream", old, resolver=v2_worker)
+    assert record["device"] == "unknown" and record["event_id"] == "e1"
+    assert decode("clickstream", old, now_ms=NOW, resolver=v2_worker) == decode("clickstream", old, now_ms=NOW)
+    as_json = read_record("clickstream", json.dumps(click()).encode(), resolver=v2_worker)
+    assert as_json["device"] == "unknown"
+    # without v1 kept next to v2 the v1 fingerprint is unknown: a clear dead letter, not a misread
+    forgetful = LocalSchemas(v2_dir(tmp_path / "b"))
+    dead = decode("clickstream", old, now_ms=NOW, resolver=forgetful)
+    assert dead.error_class == "unknown_schema_fingerprint"
+
+
+def test_v2_data_read_by_a_v1_worker_without_registry():
+    newer = encode_single_object("clickstream", {**click(), "device": "tablet"}, schema=v2_clickstream())
+    # a v1 worker that was given the v2 writer schema reads it with resolution
+    v1_worker = LocalSchemas(writers=[v2_clickstream()])
+    record = read_record("clickstream", newer, resolver=v1_worker)
+    assert "device" not in record and record["event_id"] == "e1"
+    assert decode("clickstream", newer, now_ms=NOW, resolver=v1_worker) == \
+        decode("clickstream", json.dumps(click()).encode(), now_ms=NOW)
+    # JSON needs nothing: the v1 worker ignores the new field
+    v2_json = json.dumps({**click(), "device": "tablet"}).encode()
+    assert "device" not in [f["name"] for f in schemas.raw_schema("clickstream")["fields"]]
+    assert decode("clickstream", v2_json, now_ms=NOW) == decode("clickstream", json.dumps(click()).encode(),
+                                                                now_ms=NOW)
