@@ -1,0 +1,630 @@
+"""When could a profile's memberships next change with no new event? (DESIGN §4.3, time-driven transitions.)
+
+``next_check_at(state, segments, now_ms, half_life_days=...)`` returns the earliest instant
+(epoch ms, ``> now_ms``) at which the membership of any of ``segments`` for this profile may
+change while no event arrives, or ``None`` when it never can. The worker keeps that instant in
+a timer index, so a tick costs what is due, not what is stored.
+
+Contract: membership of every segment is constant on ``[now_ms, returned instant)`` (*sound*:
+never late). For the forms below the instant is also *exact*: membership really differs there.
+An inexact instant (nothing changes; the worker re-evaluates and asks again) comes only from
+the cases listed under "inexact" below.
+
+How it works. Between events, only these inputs move (everything else in §4.2 is constant):
+
+* piecewise constant, with known breakpoints: ``orders_Nd`` and ``spend_Nd`` change exactly when
+  an order leaves its window (``order_at + N days``: the window (now - N days, now] is half-open,
+  so at that very millisecond the order is out) or enters it (an order dated after now);
+  ``top_category`` changes only when the rounded affinities of two categories tie or cross,
+  found by a bounded search (below);
+* continuous and monotone: ``now()`` (increasing) and ``category_affinity[k]`` (non-increasing:
+  it only decays without events; constant until its ``as_of`` when that is in the future).
+
+The ``where`` tree is split on AND/OR/NOT into comparisons. Between two consecutive breakpoints
+of the piecewise inputs the predicate reads, each comparison that reads a continuous input is
+*monotone* when a sign analysis proves it (``now()``, ``dateDiff(unit, x, now())`` and
+``dateDiff(unit, now(), x)``, ``x ± INTERVAL``, ``+ -``, unary minus, ``*`` and ``/`` by a numeric
+literal, ``greatest``/``least``/``coalesce`` of same-direction arguments, ``if`` whose condition
+reads no continuous input, a map subscript ``category_affinity[k]`` with a key that reads no
+continuous input, compared with ``< <= > >=``). ``= != IN BETWEEN`` are split into two monotone
+comparisons per bound. A monotone comparison flips at most once per piece, and a binary search
+on integer milliseconds finds the flip exactly (the very functions the compiler evaluates, on
+the profile's columns at that instant: rounding included). The predicate itself (with its
+three-valued NULL logic) is then evaluated at every flip and breakpoint in time order; the first
+instant where membership differs is the answer. Top-level AND terms that read no time-dependent
+input are evaluated first: when one is false or NULL the segment can never hold, whatever time
+does (most profiles stop there).
+
+Swept (``now_ms + sweep_ms``, re-asked at every sweep), for the whole segment, when a continuous
+input (``now()`` or ``category_affinity``) appears inside a construct the sign analysis cannot
+prove monotone: ``%``, ``abs``, ``*`` or ``/`` by anything but a numeric literal (or a literal
+divided by a time-dependent value), ``if`` whose condition reads a continuous input, arguments
+of mixed directions (``dateDiff('day', now(), x) + category_affinity['k']``, ``now() > now() -
+INTERVAL 1 DAY``), a number used directly as a condition (``WHERE category_affinity['k']``),
+``category_affinity`` subscripted by a key that itself decays, or any other function of them.
+Piecewise inputs are never swept: any expression of ``orders_Nd``/``spend_Nd``/``top_category``
+(``spend_30d / orders_30d > 20``, ``spend_90d % 7 = 0``) is checked at its breakpoints, exactly.
+
+Inexact (sound, and returns an instant at which nothing may change): a predicate reading
+``now()`` whose comparisons have not flipped within ``HORIZON_MS`` (10 years) returns that
+horizon unless each is already at its final value; a search stopped by its caps (more than
+``MAX_PIECES`` breakpoints, or ``top_category`` with two categories tied to 1e-6 for more than
+``TOP_CAP`` rounding steps) returns the instant it reached.
+
+Columns that change only with evaluation itself (``segments``, ``version``, ``updated_at``) are
+taken as constant between events.
+"""
+
+from __future__ import annotations
+
+import math
+from bisect import bisect_right
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from functools import lru_cache
+from typing import Any
+
+import sqlglot
+from sqlglot import exp
+
+from pipeline.profile import AFFINITY_SCALE, DAY_MS, WINDOWS_DAYS, ProfileState, columns
+from pipeline.segments.compiler import Compiled, Fn, _Compiler, _default_locate
+from pipeline.segments.definitions import Segment
+
+HORIZON_MS = 10 * 365 * DAY_MS  # how far a now()-comparison is searched before giving a re-check instant
+MAX_PIECES = 512  # breakpoints walked per segment before returning the instant reached
+TOP_CAP = 32  # rounding steps searched per pair of categories for a top_category tie
+SETTLED_RAW = 1e-7  # a decayed raw weight below this rounds to an affinity of 0.0
+TOP_GAP = 1.5e-6  # two affinities further apart than this cannot round to a tie (6 decimals)
+
+AFFINITY = "category_affinity"
+TOP = "top_category"
+WINDOW_COLUMNS = {f"{kind}_{days}d": days for days in WINDOWS_DAYS for kind in ("orders", "spend")}
+TIME_COLUMNS = frozenset(WINDOW_COLUMNS) | {AFFINITY, TOP}
+
+_STATIC_KEY_FUNCTIONS = ("mapContains", "empty", "notEmpty")  # read a map's keys, which never go away
+
+
+class _Unsupported(Exception):
+    """A continuous input inside a construct not proven monotone: the segment is swept."""
+
+
+def compile_expression(node: exp.Expression) -> Fn:
+    """The compiler's own closure for one sub-expression of an accepted ``where`` (or a comparison
+    built from its sub-expressions): NULL stays None, errors propagate. Uses the compiler's internals
+    on purpose, so the deadlines evaluate exactly what membership evaluates."""
+    text = node.sql("clickhouse")
+    return _Compiler(text, _default_locate(text), None, None).c(node).fn
+
+
+def _to_dt(ms: int) -> datetime:
+    return datetime.fromtimestamp(ms / 1000, tz=UTC)
+
+
+def _truth(value: Any) -> bool:
+    return value is not None and bool(value) and not (isinstance(value, float) and math.isnan(value))
+
+
+# --- the plan: what a predicate reads, and its monotone comparisons (cached per text) ---------------
+
+
+@dataclass(frozen=True)
+class _Probe:
+    """A comparison that, between two breakpoints, flips at most once."""
+
+    fn: Fn
+    direction: int  # +1: can only become true as time passes; -1: can only become false
+    aff_keys: frozenset[str] | None  # the affinity keys it reads; None: the whole map
+    reads_aff: bool
+
+    reads_now: bool
+
+    def value(self, row: dict[str, Any], ctx: _Context, t: int) -> bool | None:
+        """Its truth at ``t``; None for NULL (which only the held inputs decide)."""
+        if self.reads_aff:
+            row[AFFINITY] = ctx.affinity_at(t, self.aff_keys)
+        try:
+            value = self.fn(row, _to_dt(t))
+        except (ZeroDivisionError, OverflowError, ValueError):
+            return False
+        return None if value is None else _truth(value)
+
+    def holds(self, row: dict[str, Any], ctx: _Context, t: int) -> bool:
+        return bool(self.value(row, ctx, t))
+
+
+@dataclass(frozen=True)
+class _Plan:
+    static: bool  # no input moves with time
+    sweep: str | None  # why the segment is swept, if it is
+    windows: tuple[int, ...]  # windows whose orders_/spend_ columns it reads
+    reads_aff: bool
+    reads_top: bool
+    reads_now: bool
+    static_terms: tuple[Fn, ...]  # top-level AND terms that never change with time
+    probes: tuple[_Probe, ...]
+
+
+def _is_now(node: Any) -> bool:  # sqlglot's Expr/Expression annotations vary by version
+    return isinstance(node, exp.Anonymous) and str(node.this) == "now"
+
+
+def _is_affinity(node: Any) -> bool:
+    return isinstance(node, exp.Column) and node.name == AFFINITY
+
+
+def _reads_time(node: exp.Expression) -> bool:
+    return any(_is_now(n) or (isinstance(n, exp.Column) and n.name in TIME_COLUMNS) for n in node.walk())
+
+
+def _continuous(node: exp.Expression) -> bool:
+    return any(_is_now(n) or _is_affinity(n) for n in node.walk())
+
+
+def _combine(*dirs: int | None) -> int | None:
+    if any(d is None for d in dirs):
+        return None
+    signs = {d for d in dirs if d}
+    if not signs:
+        return 0
+    return signs.pop() if len(signs) == 1 else None
+
+
+def _neg(d: int | None) -> int | None:
+    return None if d is None else -d
+
+
+def _literal_sign(node: exp.Expression) -> int | None:
+    """The sign of a numeric literal (``3``, ``-0.5``, ``(2)``), else None."""
+    while isinstance(node, exp.Paren):
+        node = node.this
+    sign = 1
+    if isinstance(node, exp.Neg):
+        sign, node = -1, node.this
+    if isinstance(node, exp.Literal) and not node.is_string:
+        value = float(node.this)
+        return 0 if value == 0 else sign * (1 if value > 0 else -1)
+    return None
+
+
+def _dir(node: exp.Expression) -> int | None:
+    """How the value moves as time passes with the piecewise inputs held: +1 non-decreasing,
+    -1 non-increasing, 0 constant, None unknown (for a comparison: its truth)."""
+    if not _continuous(node):
+        return 0
+    if isinstance(node, exp.Paren):
+        return _dir(node.this)
+    if _is_now(node):
+        return 1
+    if isinstance(node, exp.Bracket):
+        if _is_affinity(node.this) and len(node.expressions) == 1 and not _continuous(node.expressions[0]):
+            return -1
+        return None
+    name = str(node.this) if isinstance(node, exp.Anonymous) else None
+    if isinstance(node, exp.Length) or name in _STATIC_KEY_FUNCTIONS:
+        args = [node.this] if isinstance(node, exp.Length) else list(node.expressions)
+        if args and _is_affinity(args[0]) and not any(_continuous(a) for a in args[1:]):
+            return 0  # keys only
+        return None
+    if isinstance(node, exp.Is) or name in ("isNull", "isNotNull"):
+        inner = node.this if isinstance(node, exp.Is) else (node.expressions[0] if node.expressions else node)
+        # continuous inputs are never NULL, so NULL-ness only follows the held inputs
+        return 0 if _dir(inner) is not None else None
+    if isinstance(node, exp.DateDiff):
+        return _combine(_dir(node.this), _neg(_dir(node.expression)))
+    if isinstance(node, (exp.Add, exp.Sub)):
+        if isinstance(node.expression, exp.Interval):
+            return _dir(node.this)
+        right = _dir(node.expression)
+        return _combine(_dir(node.this), right if isinstance(node, exp.Add) else _neg(right))
+    if isinstance(node, exp.Neg):
+        return _neg(_dir(node.this))
+    if isinstance(node, exp.Mul):
+        for value, factor in ((node.this, node.expression), (node.expression, node.this)):
+            sign = _literal_sign(factor)
+            if sign is not None:
+                inner = _dir(value)
+                return None if inner is None else inner * sign
+        return None
+    if isinstance(node, exp.Div):
+        sign = _literal_sign(node.expression)
+        if sign:
+            inner = _dir(node.this)
+            return None if inner is None else inner * sign
+        return None
+    if isinstance(node, (exp.Greatest, exp.Least, exp.Coalesce)):
+        return _combine(*(_dir(a) for a in [node.this, *node.expressions]))
+    if isinstance(node, exp.If):
+        if _continuous(node.this) or node.args.get("false") is None:
+            return None
+        return _combine(_dir(node.args["true"]), _dir(node.args["false"]))
+    if isinstance(node, (exp.GT, exp.GTE)):
+        return _combine(_dir(node.this), _neg(_dir(node.expression)))
+    if isinstance(node, (exp.LT, exp.LTE)):
+        return _neg(_combine(_dir(node.this), _neg(_dir(node.expression))))
+    return None
+
+
+def _probe(node: exp.Expression, direction: int | None) -> _Probe | None:
+    if direction == 0:
+        return None
+    if direction is None:
+        raise _Unsupported(node.sql("clickhouse"))
+    keys: set[str] | None = set()
+    for n in node.walk():
+        if _is_affinity(n):
+            parent = n.parent
+            key = parent.expressions[0] if isinstance(parent, exp.Bracket) and parent.this is n else None
+            if isinstance(key, exp.Literal) and key.is_string and keys is not None:
+                keys.add(str(key.this))
+            else:
+                keys = None
+    reads_aff = any(_is_affinity(n) for n in node.walk())
+    reads_now = any(_is_now(n) for n in node.walk())
+    return _Probe(compile_expression(node), direction, None if keys is None else frozenset(keys), reads_aff,
+                  reads_now)
+
+
+def _probes(node: exp.Expression, out: list[_Probe]) -> None:
+    """The monotone comparisons whose flips, with the breakpoints, bound every change of ``node``."""
+    if not _continuous(node):
+        return
+    if isinstance(node, (exp.Paren, exp.Not)):
+        _probes(node.this, out)
+        return
+    if isinstance(node, (exp.And, exp.Or)):
+        _probes(node.this, out)
+        _probes(node.expression, out)
+        return
+    pairs: list[tuple[exp.Expression, exp.Expression]] = []
+    if isinstance(node, (exp.GT, exp.GTE, exp.LT, exp.LTE)):
+        probe = _probe(node, _dir(node))
+        if probe is not None:
+            out.append(probe)
+        return
+    if isinstance(node, (exp.EQ, exp.NEQ)):
+        pairs = [(node.this, node.expression)]
+    elif isinstance(node, exp.Between):
+        for bound, cls in ((node.args["low"], exp.GTE), (node.args["high"], exp.LTE)):
+            comparison = cls(this=node.this.copy(), expression=bound.copy())
+            probe = _probe(comparison, _dir(comparison))
+            if probe is not None:
+                out.append(probe)
+        return
+    elif isinstance(node, exp.In):
+        if any(_continuous(option) for option in node.expressions):
+            raise _Unsupported(node.sql("clickhouse"))
+        pairs = [(node.this, option) for option in node.expressions]
+    elif _dir(node) == 0:
+        return  # IS NULL and the like: constant between breakpoints
+    else:
+        raise _Unsupported(node.sql("clickhouse"))
+    for left, right in pairs:
+        for cls in (exp.GTE, exp.LTE):
+            comparison = cls(this=left.copy(), expression=right.copy())
+            probe = _probe(comparison, _dir(comparison))
+            if probe is not None:
+                out.append(probe)
+
+
+def _split_and(node: Any) -> list[Any]:
+    while isinstance(node, exp.Paren):
+        node = node.this
+    if isinstance(node, exp.And):
+        return _split_and(node.this) + _split_and(node.expression)
+    return [node]
+
+
+@lru_cache(maxsize=4096)
+def _plan(text: str, compiled_columns: frozenset[str], uses_now: bool) -> _Plan:
+    time_columns = compiled_columns & TIME_COLUMNS
+    windows = tuple(sorted({WINDOW_COLUMNS[c] for c in time_columns if c in WINDOW_COLUMNS}))
+    reads_aff, reads_top = AFFINITY in time_columns, TOP in time_columns
+    if not time_columns and not uses_now:
+        return _Plan(True, None, (), False, False, False, (), ())
+    tree = sqlglot.parse_one(text, read="clickhouse")
+    terms = _split_and(tree)
+    static_terms = tuple(compile_expression(term) for term in terms if not _reads_time(term))
+    probes: list[_Probe] = []
+    sweep = None
+    try:
+        for term in terms:
+            _probes(term, probes)
+    except _Unsupported as exc:
+        sweep = f"not provably monotone: {exc}"
+    return _Plan(False, sweep, windows, reads_aff, reads_top, uses_now, static_terms, tuple(probes))
+
+
+def plan_of(compiled: Compiled) -> _Plan:
+    return _plan(compiled.text, compiled.columns, compiled.uses_now)
+
+
+def sweep_reason(segment: Segment) -> str | None:
+    """Why the segment's time-driven transitions are found by sweeping (None: they are derived)."""
+    return plan_of(segment.predicate).sweep
+
+
+# --- the profile's time-dependent columns at any instant -------------------------------------------
+
+
+class _Context:
+    """One call's view of the profile: columns at now, and the moving ones at any instant."""
+
+    def __init__(self, state: ProfileState, now_ms: int, half_life_days: float, row: Mapping[str, Any]) -> None:
+        self.state = state
+        self.now_ms = now_ms
+        self.half_life_ms = half_life_days * DAY_MS
+        self.base = dict(row)
+        self.work = dict(row)  # reused for every instant: only the moving columns are rewritten
+        orders = state.orders
+        self.times = [o[0] for o in orders]
+        self.sorted = all(a <= b for a, b in zip(self.times, self.times[1:], strict=False))
+        self._breakpoints: dict[tuple[int, ...], list[int]] = {}
+
+    # windows (exactly as profile.columns computes them)
+    def window(self, t: int, days: int) -> tuple[int, float]:
+        orders = self.state.orders
+        start = t - days * DAY_MS
+        if self.sorted:
+            inside = orders[bisect_right(self.times, start):bisect_right(self.times, t)]
+        else:
+            inside = [o for o in orders if start < o[0] <= t]
+        return sum(int(o[2]) for o in inside), round(sum(o[1] for o in inside), 2)
+
+    def breakpoints(self, windows: tuple[int, ...]) -> list[int]:
+        """Instants after now at which a window of ``windows`` gains or loses an order."""
+        found = self._breakpoints.get(windows)
+        if found is None:
+            points = set()
+            for at in self.times:
+                if at > self.now_ms:
+                    points.add(math.ceil(at))
+                for days in windows:
+                    out = math.ceil(at + days * DAY_MS)  # (t - N days, t] excludes the order from here on
+                    if out > self.now_ms:
+                        points.add(out)
+            found = self._breakpoints[windows] = sorted(points)
+        return found
+
+    # affinity (exactly as profile.affinities computes it)
+    def score(self, category: str, t: int) -> float:
+        raw, as_of = self.state.affinity[category]
+        elapsed = t - as_of
+        decayed = raw * math.pow(2.0, -elapsed / self.half_life_ms) if elapsed > 0 else raw
+        return round(1.0 - math.pow(2.0, -decayed / AFFINITY_SCALE), 6)
+
+    def affinity_at(self, t: int, keys: frozenset[str] | None = None) -> dict[str, float]:
+        categories = self.state.affinity if keys is None else [k for k in keys if k in self.state.affinity]
+        return {category: self.score(category, t) for category in categories}
+
+    def settled_at(self, category: str) -> int:
+        """An instant from which the category's affinity is 0.0 for good."""
+        raw, as_of = self.state.affinity[category]
+        extra = self.half_life_ms * math.log2(raw / SETTLED_RAW) if raw > SETTLED_RAW else 0.0
+        return math.ceil(as_of + extra) + 1
+
+    def all_settled_at(self) -> int:
+        return max((self.settled_at(c) for c in self.state.affinity), default=self.now_ms)
+
+    def settled_keys_at(self, keys: frozenset[str] | None) -> int:
+        """From then on, the affinities of ``keys`` (None: all) no longer change."""
+        if keys is None:
+            return self.all_settled_at()
+        return max((self.settled_at(k) for k in keys if k in self.state.affinity), default=self.now_ms)
+
+    def row_at(self, t: int, plan: _Plan) -> dict[str, Any]:
+        """The columns at ``t`` (the shared work row: valid until the next call)."""
+        row = self.work
+        for days in plan.windows:
+            row[f"orders_{days}d"], row[f"spend_{days}d"] = self.window(t, days)
+        if plan.reads_aff or plan.reads_top:
+            affinity = self.affinity_at(t)
+            row[AFFINITY] = affinity
+            row[TOP] = max(sorted(affinity), key=lambda c: affinity[c]) if affinity else None
+        return row
+
+    # top_category
+    def next_top_change(self, t0: int) -> int | None:
+        """An instant > t0 before which top_category cannot change (exact unless a cap stops the
+        search); None when it never changes again."""
+        if len(self.state.affinity) < 2:
+            return None
+        affinity = self.affinity_at(t0)
+        top = max(sorted(affinity), key=lambda c: affinity[c])
+        best: int | None = None
+        for other in self.state.affinity:
+            if other != top:
+                beat = self._first_beat(top, other, t0)
+                if beat is not None and (best is None or beat < best):
+                    best = beat
+        return best
+
+    def _first_beat(self, top: str, other: str, t0: int) -> int | None:
+        """The first instant > t0 at which ``other`` ranks above ``top`` (columns' tie-break: equal
+        rounded scores go to the name first in sorted order), or the instant a capped search reached."""
+        wins_ties = other < top
+
+        def beats(t: int) -> bool:
+            a, b = self.score(other, t), self.score(top, t)
+            return a > b or (wins_ties and a == b)
+
+        t = t0
+        end = self.settled_at(top)
+        for _ in range(TOP_CAP):
+            if t > t0 and beats(t):
+                return t
+            level = self.score(other, t)  # ``other`` never rises: ``top`` must first come down to it
+            if level == 0.0 and not wins_ties:
+                return None
+            reached = _first_true(self._down_to(top, level, inclusive=wins_ties), t, end)
+            if reached is None:
+                return None
+            t = max(reached, self._gap_closes(top, other, t, end))
+        return t
+
+    def _down_to(self, category: str, level: float, *, inclusive: bool) -> Callable[[int], bool]:
+        if inclusive:
+            return lambda s: self.score(category, s) <= level
+        return lambda s: self.score(category, s) < level
+
+    def _gap_closes(self, top: str, other: str, t: int, end: int) -> int:
+        """The first instant >= t from which the unrounded affinities are within TOP_GAP (a rounded
+        tie needs that), when both are decaying; else t."""
+        (raw_w, as_w), (raw_c, as_c) = self.state.affinity[top], self.state.affinity[other]
+        if as_w > t or as_c > t:
+            return t
+        hl = self.half_life_ms
+
+        def gap(s: int) -> float:
+            dw = raw_w * math.pow(2.0, -(s - as_w) / hl)
+            dc = raw_c * math.pow(2.0, -(s - as_c) / hl)
+            return math.pow(2.0, -dc / AFFINITY_SCALE) - math.pow(2.0, -dw / AFFINITY_SCALE)
+
+        if gap(t) <= TOP_GAP:
+            return t
+        a = raw_c * math.pow(2.0, -(t - as_c) / hl) / AFFINITY_SCALE
+        b = raw_w * math.pow(2.0, -(t - as_w) / hl) / AFFINITY_SCALE
+        start = t
+        if a > 0 and b > a:
+            peak = math.log2(b / a) / (b - a)  # gap as a function of the common decay factor peaks here
+            if peak < 1.0:
+                start = t + math.ceil(hl * math.log2(1.0 / peak))
+        if start >= end:
+            return end
+        found = _first_true(lambda s: gap(s) <= TOP_GAP, start, end)
+        return end if found is None else found
+
+
+def _first_true(pred: Callable[[int], bool], lo: int, hi: int) -> int | None:
+    """The least t in (lo, hi] with pred(t), for pred monotone (False then True); None if pred(hi) fails."""
+    if hi <= lo or not pred(hi):
+        return None
+    return _bisect(pred, lo, hi)
+
+
+def _bisect(pred: Callable[[int], bool], lo: int, hi: int) -> int:
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if pred(mid):
+            hi = mid
+        else:
+            lo = mid
+    return hi
+
+
+_GRIDS = (DAY_MS, 3_600_000, 1000)
+
+
+def _scaled(pred: Callable[[int], bool], step: int) -> Callable[[int], bool]:
+    return lambda i: pred(i * step)
+
+
+def _first_true_aligned(pred: Callable[[int], bool], lo: int, hi: int) -> int:
+    """As _first_true with pred(lo) false and pred(hi) true known, searching UTC day, hour and second
+    boundaries first: a flip driven by now() (whole seconds, as ClickHouse's DateTime) through
+    dateDiff or INTERVAL usually sits on one, and is then found in a dozen evaluations, not forty."""
+    for step in _GRIDS:
+        first, last = lo // step + 1, (hi - 1) // step  # grid points strictly inside (lo, hi)
+        if first <= last:
+            k = _bisect(_scaled(pred, step), first - 1, last + 1)  # pred(hi) stands for k = last + 1
+            if k <= last:
+                hi = k * step
+            if k - 1 >= first:
+                lo = (k - 1) * step
+            elif k > last:
+                lo = last * step
+        if hi - lo <= 1 or not pred(hi - 1):
+            return hi  # the flip is on this boundary
+    return _bisect(pred, lo, hi)
+
+
+def _changed(probe: _Probe, row: dict[str, Any], ctx: _Context, first: bool) -> Callable[[int], bool]:
+    return lambda t: probe.holds(row, ctx, t) != first
+
+
+# --- the walk --------------------------------------------------------------------------------------
+
+
+def _segment_deadline(segment: Segment, plan: _Plan, ctx: _Context, sweep_ms: int) -> int | None:
+    now_ms, base, now_dt = ctx.now_ms, ctx.base, _to_dt(ctx.now_ms)
+    if segment.requires_consent == "marketing" and base.get("consent_marketing") is not True:
+        return None  # consent is not time-dependent
+    for term in plan.static_terms:
+        try:
+            if not _truth(term(base, now_dt)):
+                return None  # a constant false AND term: never a member, whatever the time
+        except (ZeroDivisionError, OverflowError, ValueError):
+            return None
+    if plan.sweep is not None:
+        return now_ms + sweep_ms
+    predicate = segment.predicate
+
+    def member(t: int) -> bool:
+        return predicate(ctx.row_at(t, plan), _to_dt(t))
+
+    was = member(now_ms)
+    points = ctx.breakpoints(plan.windows) if plan.windows else []
+    if plan.reads_now:
+        end = now_ms + HORIZON_MS
+    elif plan.reads_aff:
+        end = max(ctx.all_settled_at(), now_ms)
+    else:
+        end = now_ms
+    index = bisect_right(points, now_ms)
+    top_next = ctx.next_top_change(now_ms) if plan.reads_top else None
+    lo = now_ms
+    for _ in range(MAX_PIECES):
+        candidates = [p for p in (points[index] if index < len(points) else None, top_next) if p is not None]
+        nxt = min(candidates) if candidates else None
+        hi = nxt - 1 if nxt is not None else max(end, lo)
+        unbounded = False
+        if plan.probes and hi > lo:
+            row = ctx.row_at(lo, plan)
+            flips = set()
+            for probe in plan.probes:
+                value = probe.value(row, ctx, lo)
+                first = bool(value)
+                top = hi if probe.reads_now or not probe.reads_aff else min(hi, ctx.settled_keys_at(probe.aff_keys))
+                if top > lo and probe.holds(row, ctx, top) != first:
+                    changed = _changed(probe, row, ctx, first)
+                    search = _bisect if probe.reads_aff else _first_true_aligned
+                    flips.add(search(changed, lo, top))
+                elif nxt is None and plan.reads_now and value is not None and first != (probe.direction > 0):
+                    unbounded = True  # not at its final value, but no flip within the horizon
+            for flip in sorted(flips):
+                if member(flip) != was:
+                    return flip
+        if nxt is None:
+            return hi if unbounded else None
+        if member(nxt) != was:
+            return nxt
+        lo = nxt
+        while index < len(points) and points[index] <= lo:
+            index += 1
+        if top_next is not None and top_next <= lo:
+            top_next = ctx.next_top_change(lo)
+    return lo  # cap reached: nothing changes before lo
+
+
+def next_check_at(state: ProfileState, segments: Sequence[Segment], now_ms: int, *, half_life_days: float,
+                  sweep_ms: int = 60_000, row: Mapping[str, Any] | None = None) -> int | None:
+    """The earliest instant (epoch ms, > now_ms) at which the membership of any of ``segments``
+    for this profile may change with no new event, or None when it never can.
+
+    Membership is constant on [now_ms, result). ``row`` may pass ``columns(state, now_ms,
+    half_life_days=...)`` when the caller already has it (saves one computation).
+    """
+    plans = [(segment, plan_of(segment.predicate)) for segment in segments]
+    plans = [(segment, plan) for segment, plan in plans if not plan.static]
+    if not plans:
+        return None
+    if row is None:
+        row = columns(state, now_ms, half_life_days=half_life_days)
+    ctx = _Context(state, now_ms, half_life_days, row)
+    best: int | None = None
+    for segment, plan in plans:
+        due = _segment_deadline(segment, plan, ctx, sweep_ms)
+        if due is not None and (best is None or due < best):
+            best = due
+    return best
