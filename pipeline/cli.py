@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import csv
+import json
+import sys
 from pathlib import Path
 
 import typer
@@ -81,6 +84,68 @@ def worker() -> None:
     Worker(faust_app, loglevel=settings.log_level).execute_from_commandline()
 
 
+@app.command("replay")
+def replay_command(
+    source: list[str] = typer.Option(..., "--source", help="--source SOURCE FILE.jsonl, repeatable; "
+                                     "SOURCE is clickstream, pos, crm or surveys"),
+    files: list[Path] = typer.Argument(..., metavar="FILE…", help="the file after each --source SOURCE"),
+    segments: Path | None = typer.Option(None, "--segments", help="YAML file or directory of segments "
+                                         "(default: the built-in examples)"),
+    data_dir: Path | None = typer.Option(None, "--data-dir", help="local data, reset first (default ./var)"),
+    as_json: bool = typer.Option(False, "--json", help="print the summary as one JSON object"),
+) -> None:
+    """Push files through the real pipeline on the event-time clock, wait until every event is
+    processed and every sink flushed, print a summary, and exit.
+
+    Example: pipeline replay --source pos purchases.jsonl --segments segments.yaml --data-dir var
+    """
+    from rich.table import Table
+
+    from pipeline.replay import run_replay, summary_json
+    from pipeline.segments.definitions import load_segments
+    from pipeline.settings import load_settings
+
+    if len(source) != len(files):
+        err.print("give one file after each --source SOURCE, e.g. --source pos a.jsonl --source crm b.jsonl")
+        raise typer.Exit(2)
+    overrides: dict[str, object] = {"clock": "event"}
+    if data_dir is not None:
+        overrides["data_dir"] = data_dir
+    if segments is not None:
+        overrides["segments_path"] = segments.resolve()
+    try:
+        settings = load_settings(**overrides)
+        load_segments(settings.segments_path)  # refuse a bad definition before starting anything
+        summary = run_replay(settings, list(zip(source, files, strict=True)), console=err)
+    except PipelineError as exc:
+        err.print(f"[red]error:[/red] {exc}", highlight=False)
+        raise typer.Exit(1) from None
+    if as_json:
+        print(summary_json(summary))
+        return
+    out.print(f"replayed {sum(summary.produced.values())} events in {summary.seconds:.1f} s "
+              f"({', '.join(f'{k} {v}' for k, v in sorted(summary.produced.items()))}); "
+              f"now() = {_iso(summary.watermark)}", highlight=False)
+    out.print(f"segment changes: {summary.changes.get('entered', 0)} entered, "
+              f"{summary.changes.get('exited', 0)} exited", highlight=False)
+    dead = sum(summary.dead_letters.values())
+    out.print(f"dead letters: {dead}", highlight=False)
+    for reason, count in summary.dead_letters.most_common():
+        out.print(f"  {count:>6}  {reason}", highlight=False)
+    table = Table(title="segment sizes")
+    table.add_column("segment")
+    table.add_column("members", justify="right")
+    for name, size in sorted(summary.sizes.items()):
+        table.add_row(name, str(size))
+    out.print(table)
+
+
+def _iso(ms: int) -> str:
+    from datetime import UTC, datetime
+
+    return datetime.fromtimestamp(ms / 1000, tz=UTC).isoformat() if ms else "-"
+
+
 def _client_and_db(data_dir: Path | None) -> tuple[object, str]:
     from pipeline.settings import load_settings
     from pipeline.sinks.clickhouse import connect
@@ -101,10 +166,6 @@ def cohort_command(segment: str = typer.Argument(..., help="segment id"),
 
     Example: pipeline cohort buyers --data-dir var --format json
     """
-    import csv
-    import json
-    import sys
-
     from rich.table import Table
 
     from pipeline.cohorts import cohort
@@ -136,7 +197,8 @@ def cohort_command(segment: str = typer.Argument(..., help="segment id"),
 
 @app.command("sql")
 def sql_command(query: str = typer.Argument(..., help="one read-only statement"),
-                data_dir: Path | None = typer.Option(None, "--data-dir", help="local data (default ./var)")) -> None:
+                data_dir: Path | None = typer.Option(None, "--data-dir", help="local data (default ./var)"),
+                fmt: str = typer.Option("table", "--format", help="table, json or csv")) -> None:
     """A read-only query on the product's ClickHouse (SELECT, WITH, SHOW, DESCRIBE, EXPLAIN).
 
     Example: pipeline sql "SELECT error_class, count() FROM segments.dead_letters GROUP BY 1" --data-dir var
@@ -144,6 +206,10 @@ def sql_command(query: str = typer.Argument(..., help="one read-only statement")
     from rich.table import Table
 
     from pipeline.cohorts import run_sql
+
+    if fmt not in ("table", "json", "csv"):
+        err.print("--format must be table, json or csv")
+        raise typer.Exit(2)
 
     try:
         client, _ = _client_and_db(data_dir)
@@ -154,12 +220,34 @@ def sql_command(query: str = typer.Argument(..., help="one read-only statement")
     except Exception as exc:  # noqa: BLE001 - ClickHouse's own message is the useful sentence
         err.print(f"[red]ClickHouse refused the query:[/red] {str(exc).splitlines()[0][:500]}", highlight=False)
         raise typer.Exit(1) from None
+    if fmt == "json":
+        print(json.dumps([dict(zip(names, row, strict=True)) for row in rows], default=_jsonable))
+        return
+    if fmt == "csv":
+        writer = csv.writer(sys.stdout)
+        writer.writerow(names)
+        writer.writerows([[_jsonable(v) for v in row] for row in rows])
+        return
     table = Table()
     for name in names:
         table.add_column(name)
     for row in rows:
         table.add_row(*(str(v) for v in row))
     out.print(table)
+
+
+def _jsonable(value: object) -> object:
+    from datetime import datetime
+
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    return str(value)
 
 
 def main() -> None:

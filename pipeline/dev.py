@@ -17,6 +17,7 @@ from rich.table import Table
 from pipeline.broker.embedded import EmbeddedBroker
 from pipeline.broker.topics import SEGMENT_CHANGES, ensure_topics, product_topics
 from pipeline.codecs import decode_change
+from pipeline.control import control_kind
 from pipeline.generate import traffic
 from pipeline.processes import stop_process
 from pipeline.settings import Settings, environment_for_child
@@ -73,6 +74,8 @@ def run_dev(settings: Settings, *, rate: float = 200.0, customers: int = 500, se
                         produced += 1
                     producer.flush()
                     for record in consumer:
+                        if control_kind(record.headers) is not None:
+                            continue
                         change = decode_change(record.value)
                         sizes[change["segment_id"]] += 1 if change["change"] == "entered" else -1
                         changes += 1

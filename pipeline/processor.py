@@ -21,6 +21,7 @@ from pipeline.segments.membership import SegmentChange, diff, evaluate
 class Config:
     half_life_days: float = 30.0
     dedup_window: int = 64
+    sweep_ms: int = 60_000  # re-check interval where no transition instant can be derived
 
 
 @dataclass
@@ -50,6 +51,32 @@ def reevaluate(state: ProfileState, now_ms: int, segments: Sequence[Segment], co
                *, cause: str = "time") -> StepResult:
     """Evaluate the segments again with no new event (time passed, definitions changed)."""
     return _reevaluate(state, now_ms, segments, config, cause=cause, bump=True)
+
+
+def schedule(state: ProfileState, now_ms: int, segments: Sequence[Segment], config: Config = Config()) -> int | None:
+    """Set and return the next instant after ``now_ms`` at which the memberships may change with
+    no new event (None: never). Call after the profile was evaluated at ``now_ms``."""
+    from pipeline.segments.deadlines import next_check_at
+
+    due = next_check_at(state, segments, now_ms, half_life_days=config.half_life_days, sweep_ms=config.sweep_ms)
+    if due is not None and due <= now_ms:
+        due = now_ms + 1  # the contract is "strictly later"; never loop on one instant
+    state.next_check_at = due
+    return due
+
+
+def advance(state: ProfileState, until_ms: int, segments: Sequence[Segment], config: Config = Config()) -> StepResult:
+    """Apply, in order, the time-driven transitions due up to ``until_ms``, each at its own
+    instant (so a replay's exits carry the day they happened, not the day they were noticed)."""
+    changes: list[SegmentChange] = []
+    row: dict[str, Any] | None = None
+    due = state.next_check_at
+    while due is not None and due <= until_ms:
+        result = reevaluate(state, due, segments, config)
+        changes += result.changes
+        row = result.row if result.row is not None else row
+        due = schedule(state, due, segments, config)
+    return StepResult(state, changes, row)
 
 
 def _reevaluate(state: ProfileState, now_ms: int, segments: Sequence[Segment], config: Config, *,

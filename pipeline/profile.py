@@ -61,6 +61,7 @@ class ProfileState:
     traits: dict[str, list[Any]] = field(default_factory=dict)  # name -> [at, value]
     segments: dict[str, int] = field(default_factory=dict)  # segment id -> member since (ms)
     recent_event_ids: list[str] = field(default_factory=list)
+    next_check_at: int | None = None  # when memberships may next change with no event (timer index)
     version: int = 0
     updated_at: int = 0
 

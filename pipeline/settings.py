@@ -66,6 +66,12 @@ class Settings(BaseSettings):
         3600.0, ge=0, description="occurred_at further than this in the future is dead-lettered."
     )
     min_occurred_at_year: int = Field(2000, description="occurred_at before this year is dead-lettered.")
+    timer_interval_seconds: float = Field(
+        0.5, gt=0, le=1, description="How often time-driven transitions are checked (wall clock): a customer "
+        "leaves a time-bound segment at most this long after the instant it stops holding.")
+    timer_sweep_seconds: float = Field(
+        60.0, gt=0, description="Re-check interval for predicates whose next transition instant cannot be "
+        "derived (see docs/segments.md).")
     dedup_window_events: int = Field(64, ge=0, description="Recent event ids kept per customer to drop duplicates.")
     api_token: SecretStr | None = Field(None, description="Bearer token required by the HTTP API (optional).")
 

@@ -16,6 +16,7 @@ CUSTOMER_EVENTS = "customer-events"  # internal: normalized events keyed by cust
 SEGMENT_CHANGES = "segment-changes"
 PROFILE_UPDATES = "profile-updates"
 DEAD_LETTERS = "dead-letters"
+CONTROL = "pipeline-control"  # internal: markers that tell a replay everything was processed and flushed
 
 
 @dataclass(frozen=True)
@@ -25,7 +26,7 @@ class TopicSpec:
 
 
 def product_topics(settings: Settings) -> list[TopicSpec]:
-    names = [*INPUTS, CUSTOMER_EVENTS, SEGMENT_CHANGES, DEAD_LETTERS]
+    names = [*INPUTS, CUSTOMER_EVENTS, SEGMENT_CHANGES, DEAD_LETTERS, CONTROL]
     specs = [TopicSpec(settings.topic(n)) for n in names]
     specs.append(TopicSpec(settings.topic(PROFILE_UPDATES), compacted=True))
     return specs
