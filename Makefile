@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: help install run test lint clean
+.PHONY: help install run test lint bench clean
 
 help: ## list the targets
 	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
@@ -17,15 +17,18 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP) ## create .venv and install the project with its test extras (idempotent)
 
-run: $(STAMP) ## the embedded stack (not finished yet: see README)
+run: $(STAMP) ## the embedded stack: broker, worker, chDB, synthetic traffic, live segment sizes (Ctrl-C stops)
 	$(BIN)/pipeline dev
 
 lint: $(STAMP) ## ruff and mypy
-	$(BIN)/ruff check pipeline tests
+	$(BIN)/ruff check pipeline tests benchmarks
 	$(BIN)/mypy
 
 test: $(STAMP) lint ## the whole suite, ruff and mypy included
 	$(BIN)/python -m pytest
+
+bench: $(STAMP) ## run the benchmarks (figures printed and written to benchmarks/results/)
+	$(BIN)/python benchmarks/bench_decode.py
 
 clean: ## remove the virtualenv and local data
 	rm -rf $(VENV) var

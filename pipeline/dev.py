@@ -62,8 +62,9 @@ def run_dev(settings: Settings, *, rate: float = 200.0, customers: int = 500, se
         sizes: Counter[str] = Counter()
         produced = changes = 0
         started = last_line = time.monotonic()
-        messages = traffic(customers=customers, seed=seed, start_ms=int(time.time() * 1000) - 3_600_000,
-                           step_ms=50)
+        # Event time advances with the wall clock (one step per message at the requested rate).
+        messages = traffic(customers=customers, seed=seed, start_ms=int(time.time() * 1000),
+                           step_ms=max(1, int(1000 / rate)))
         try:
             with Live(_view(sizes, 0, 0, started), console=console, refresh_per_second=2) as live:
                 while not stop:

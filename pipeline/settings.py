@@ -107,6 +107,8 @@ class Settings(BaseSettings):
         sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
         config_file = os.environ.get(CONFIG_FILE_VAR)
         if config_file:
+            if not Path(config_file).is_file():
+                raise ConfigError(f"{CONFIG_FILE_VAR}: no settings file at {config_file}")
             sources.append(TomlConfigSettingsSource(settings_cls, toml_file=Path(config_file)))
         return tuple(sources)
 
