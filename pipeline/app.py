@@ -12,13 +12,13 @@ everything before them was processed and flushed.
 from __future__ import annotations
 
 import asyncio
-import functools
 import json
 import logging
 import time
 import weakref
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -26,18 +26,35 @@ import faust
 from faust.streams import _current_event
 
 from pipeline import codecs
+from pipeline.api import WorkerBackend, build_api, start_api, stop_api
 from pipeline.broker import topics as t
+from pipeline.cohorts import cohort, segment_sizes
 from pipeline.control import DONE, HEADER, MARKER, Completion, Marker, control_kind
 from pipeline.decode import Limits, decode, schema_id_of
 from pipeline.events import DeadLetter
-from pipeline.identity import routing_key
+from pipeline.identity import alias_keys, identifiers_of, routing_key
+from pipeline.linking import (
+    AT_HEADER,
+    ERASE,
+    HOPS_HEADER,
+    LINK,
+    MAX_HOPS,
+    MERGE,
+    OP_HEADER,
+    Alias,
+    Command,
+    canonical,
+    erased_before,
+    on_link,
+)
+from pipeline.metrics import Metrics
 from pipeline.privacy import redact_emails
-from pipeline.processor import Config, StepResult, advance, schedule, step
+from pipeline.processor import Config, StepResult, absorb, advance, release, schedule, step
 from pipeline.profile import ProfileState
 from pipeline.registry import RegistrySchemas, schema_source
 from pipeline.segments.definitions import Segment
 from pipeline.settings import Settings
-from pipeline.sinks.clickhouse import ClickHouseWriter
+from pipeline.sinks.clickhouse import CHANGE_TABLES, PROFILE_TABLES, ClickHouseWriter
 from pipeline.timers import TimerIndex
 
 log = logging.getLogger(__name__)
@@ -84,8 +101,9 @@ def partition_for_key(key: bytes, partitions: int) -> int:
     return (murmur2(key) & 0x7FFFFFFF) % partitions
 
 
-class ProfileStore:
-    """The profiles table read and written per partition, outside faust's per-event context."""
+class PartitionedStore:
+    """A faust table read and written per partition, outside faust's per-event context, with
+    the changelog message sent by hand (one per changed key per batch, DESIGN §3)."""
 
     def __init__(self, table: Any) -> None:
         self.table = table
@@ -96,28 +114,35 @@ class ProfileStore:
         self._pins = [marker]  # keep it alive: faust holds only a weak reference
         _current_event.set(weakref.ref(marker))  # type: ignore[arg-type]
 
-    def get(self, key: bytes, partition: int) -> ProfileState | None:
+    def get(self, key: bytes, partition: int) -> bytes | None:
         self._pin(partition)
-        stored = self.table.data.get(key)
-        return ProfileState.from_dict(json.loads(stored)) if stored else None
+        value: bytes | None = self.table.data.get(key)
+        return value
 
-    def put(self, key: bytes, partition: int, state: ProfileState) -> Any:
-        """Write the store and send the changelog message; returns the send's future."""
-        value = json.dumps(state.to_dict(), separators=(",", ":")).encode()
+    def put(self, key: bytes, partition: int, value: bytes | None) -> Any:
+        """Write (None: delete) the store and send the changelog message; returns the send's future."""
         self._pin(partition)
-        self.table.data[key] = value
+        if value is None:
+            self.table.data.pop(key, None)
+        else:
+            self.table.data[key] = value
         return self.table.send_changelog(partition, key, value)
 
-    def scan(self, partition: int, partitions: int) -> list[tuple[bytes, ProfileState]]:
-        """Every profile of one partition (rebuilding the timer index after an assignment)."""
+    def items(self, partition: int, partitions: int) -> list[tuple[bytes, bytes]]:
+        """Every entry of one partition (rebuilding the timer index after an assignment)."""
         data = self.table.data
-        dbs = getattr(data, "_dbs", None)
-        if dbs is not None:  # RocksDB: one database per partition
-            db = data._db_for_partition(partition)
-            items = list(data._visible_items(db))
-        else:  # memory: one dict; the partition is the key's under the default partitioner
-            items = [(k, v) for k, v in list(data.data.items()) if partition_for_key(k, partitions) == partition]
-        return [(k, ProfileState.from_dict(json.loads(v))) for k, v in items if v]
+        if getattr(data, "_dbs", None) is not None:  # RocksDB: one database per partition
+            return [(k, v) for k, v in data._visible_items(data._db_for_partition(partition)) if v]
+        # memory: one dict; the partition is the key's under the default partitioner
+        return [(k, v) for k, v in list(data.data.items()) if v and partition_for_key(k, partitions) == partition]
+
+
+def _encode_state(state: ProfileState) -> bytes:
+    return json.dumps(state.to_dict(), separators=(",", ":")).encode()
+
+
+def _decode_state(value: bytes | None) -> ProfileState | None:
+    return ProfileState.from_dict(json.loads(value)) if value else None
 
 
 def create_app(settings: Settings, segments: Sequence[Segment]) -> faust.App:
@@ -152,12 +177,15 @@ def create_app(settings: Settings, segments: Sequence[Segment]) -> faust.App:
     dead_topic = app.topic(dead_name, **raw)
     control_topic = app.topic(settings.topic(t.CONTROL), **raw)
     profiles = app.Table("profiles", partitions=settings.partitions, key_type=bytes, value_type=bytes)
-    store = ProfileStore(profiles)
+    store = PartitionedStore(profiles)
+    aliases = PartitionedStore(app.Table("aliases", partitions=settings.partitions, key_type=bytes, value_type=bytes))
     timers = TimerIndex()
     state_lock = asyncio.Lock()
     writer = ClickHouseWriter(settings.clickhouse_dsn, settings.clickhouse_database)
-    executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="clickhouse")
+    executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="clickhouse")  # chDB: one thread
     partitions = settings.partitions
+    metrics = Metrics()
+    metrics.on_scrape(lambda m: m.set_timers_pending(len(timers)))
 
     async def forward_marker(marker: Marker, *targets: Any) -> None:
         await asyncio.gather(*[
@@ -166,6 +194,7 @@ def create_app(settings: Settings, segments: Sequence[Segment]) -> faust.App:
         ])
 
     async def emit(key: bytes, result: StepResult, sends: list[Any]) -> None:
+        metrics.segment_changes_sent(result.changes)
         for change in result.changes:
             sends.append(await changes_topic.send(key=key, value=codecs.encode_change(change.to_dict())))
         if result.row is not None:
@@ -183,6 +212,7 @@ def create_app(settings: Settings, segments: Sequence[Segment]) -> faust.App:
             sends: list[Any] = []
             for event in batch:
                 message = event.message
+                metrics.event_in(message.topic)
                 if control_kind(message.headers) == MARKER:
                     # Everything before the marker must be on its way before the marker is.
                     await asyncio.gather(*sends)
@@ -193,6 +223,7 @@ def create_app(settings: Settings, segments: Sequence[Segment]) -> faust.App:
                 result = decode(source_of[message.topic], message.value, now_ms=int(time.time() * 1000),
                                 limits=limits, resolver=resolver)
                 if isinstance(result, DeadLetter):
+                    metrics.dead_letter(source_of[message.topic], result.error_class)
                     dead = DeadLetter(redact_emails(result.payload), result.error_class, result.error_message,
                                       message.topic, message.partition, message.offset)
                     log.warning("dead letter %s[%s]@%s: %s", message.topic, message.partition, message.offset,
@@ -207,16 +238,17 @@ def create_app(settings: Settings, segments: Sequence[Segment]) -> faust.App:
             await asyncio.gather(*sends)
 
     markers_in = Completion()
+    busy_since_marker: set[int] = set()  # partitions that sent commands since their last round marker
 
     async def fire_timers(partition: int, now_ms: int, sends: list[Any]) -> None:
         """Apply the time-driven transitions of one partition due up to ``now_ms`` (lock held)."""
         for key, due in timers.pop_due(partition, now_ms):
-            state = store.get(key, partition)
+            state = _decode_state(store.get(key, partition))
             if state is None or state.next_check_at != due:
                 continue  # erased, or rescheduled since
             result = advance(state, now_ms, segments, config)
             if result.row is not None:
-                sends.append(store.put(key, partition, state))
+                sends.append(store.put(key, partition, _encode_state(state)))
             await emit(key, result, sends)
             timers.put(partition, key, state.next_check_at)
 
@@ -224,48 +256,218 @@ def create_app(settings: Settings, segments: Sequence[Segment]) -> faust.App:
     async def fold_profiles(stream: Any) -> None:
         async for batch in stream.take_events(settings.batch_size, settings.batch_seconds):
             async with state_lock:
-                await _fold_batch(batch)
+                with metrics.time_evaluation():
+                    await _fold_batch(batch)
+
+    class Batch:
+        """What one batch read and changed: profiles and aliases are read through to the stores
+        once and written back once, at the end (one changelog message per changed key)."""
+
+        def __init__(self) -> None:
+            self.profiles: dict[bytes, tuple[int, ProfileState | None, int, str]] = {}  # (partition, state, at, op)
+            self.aliases: dict[bytes, tuple[int, Alias | None]] = {}
+            self.sends: list[Any] = []
+            self.partition = -1  # of the message being handled
+            self.sent_from: set[int] = set()  # partitions whose messages led to commands
+
+        def profile(self, key: bytes, partition: int) -> ProfileState | None:
+            if key in self.profiles:
+                return self.profiles[key][1]
+            return _decode_state(store.get(key, partition))
+
+        def set_profile(self, key: bytes, partition: int, state: ProfileState | None, at: int, op: str = "") -> None:
+            self.profiles[key] = (partition, state, at, op)
+
+        def alias(self, key: bytes, partition: int) -> Alias | None:
+            if key in self.aliases:
+                return self.aliases[key][1]
+            value = aliases.get(key, partition)
+            return Alias.decode(value) if value else None
+
+        def set_alias(self, key: bytes, partition: int, alias: Alias | None) -> None:
+            self.aliases[key] = (partition, alias)
+
+        async def command(self, command: Command, hops: int = 0) -> None:
+            self.sent_from.add(self.partition)
+            headers = command.headers() + ([(HOPS_HEADER, str(hops).encode())] if hops else [])
+            self.sends.append(await customer_events.send(key=command.key.encode(), value=command.encode(),
+                                                         headers=headers))
+
+    def evaluation_time(at: int, state: ProfileState | None) -> int:
+        return clock.evaluation_time(at, state)
 
     async def _fold_batch(batch: Sequence[Any]) -> None:
-        dirty: dict[bytes, tuple[int, ProfileState, int]] = {}  # key -> (partition, state, evaluated at)
+        b = Batch()
         completed: list[tuple[int, Marker]] = []
-        sends: list[Any] = []
         for event in batch:
             message = event.message
             key, partition = message.key, message.partition
-            if control_kind(message.headers) == MARKER:
+            headers = dict(message.headers.items() if isinstance(message.headers, dict) else message.headers or ())
+            if headers.get(HEADER) == MARKER:
                 marker = Marker.decode(message.value)
-                if markers_in.add(marker.run_id, partition, marker.origin, marker.origins):
+                expected = marker.origins if marker.round == 0 else marker.partitions
+                scope = (marker.round, partition)
+                if markers_in.add(marker.run_id, scope, marker.origin, expected, marker.busy):
                     completed.append((partition, marker))
                 continue
-            customer_event = codecs.decode_event(message.value)
-            clock.observe(partition, customer_event.occurred_at)
-            state = dirty[key][1] if key in dirty else store.get(key, partition)
-            now_ms = clock.evaluation_time(customer_event.occurred_at, state)
-            if state is not None and state.next_check_at is not None and state.next_check_at <= now_ms:
-                # Transitions that fell due before this event are time's, at their own instants.
-                await emit(key, advance(state, now_ms, segments, config), sends)
-            result = step(state, key.decode(), customer_event, now_ms, segments, config)
-            if result.duplicate:
+            b.partition = partition
+            hops = int(headers.get(HOPS_HEADER, b"0") or 0)
+            op = headers.get(OP_HEADER)
+            if op is None:
+                await _on_event(b, key, partition, message.value, hops)
                 continue
-            dirty[key] = (partition, result.state, now_ms)
-            await emit(key, result, sends)
-        for key, (partition, state, evaluated_at) in dirty.items():
+            command = Command.decode(message.value)
+            if op == LINK:
+                await _on_link(b, key, partition, command)
+            elif op == MERGE:
+                await _on_merge(b, key, partition, command, hops)
+            elif op == ERASE:
+                await _on_erase(b, key, partition, command)
+        sends = b.sends
+        for key, (partition, alias) in b.aliases.items():
+            sends.append(aliases.put(key, partition, alias.encode() if alias is not None else None))
+        for key, (partition, state, evaluated_at, op) in b.profiles.items():
+            if state is None:  # absorbed or erased: the compacted topic forgets it too
+                timers.put(partition, key, None)
+                sends.append(store.put(key, partition, None))
+                tombstone = [(OP_HEADER, op.encode()), (AT_HEADER, str(evaluated_at).encode())]
+                sends.append(await profiles_topic.send(key=key, value=None, headers=tombstone))
+                if op == "erase":  # subscribers and ClickHouse forget its changes (after its exits)
+                    sends.append(await changes_topic.send(key=key, value=None, headers=tombstone))
+                continue
             # Schedule from the instant this profile was last evaluated, then catch up on what
             # fell due while the rest of the batch moved the clock on.
             schedule(state, evaluated_at, segments, config)
             await emit(key, advance(state, clock.now_ms(partition), segments, config), sends)
             timers.put(partition, key, state.next_check_at)
-            sends.append(store.put(key, partition, state))
-        for partition, marker in completed:
+            sends.append(store.put(key, partition, _encode_state(state)))
+        for partition in b.sent_from:
+            busy_since_marker.add(partition)
+        final = [(p, m) for p, m in completed if m.round > 0 and not markers_in.busy(m.run_id, (m.round, p))]
+        for partition, marker in final:
             clock.observe(partition, marker.watermark)
             await fire_timers(partition, clock.now_ms(partition), sends)
         await asyncio.gather(*sends)
-        for partition, marker in completed:  # only after everything before them was sent
-            forwarded = marker.via("")
-            for target in (changes_topic, profiles_topic):
-                await (await target.send(key=b"", value=forwarded.encode(), partition=partition,
-                                         headers=forwarded.headers()))
+        # Only after everything before them was sent (see pipeline.control).
+        for partition, marker in completed:
+            if (partition, marker) in final:
+                forwarded = marker.via("")
+                for target in (changes_topic, profiles_topic):
+                    await (await target.send(key=b"", value=forwarded.encode(), partition=partition,
+                                             headers=forwarded.headers()))
+                continue
+            following = replace(marker, origin=f"profiles:{partition}", round=marker.round + 1,
+                                busy=marker.round == 0 or partition in busy_since_marker)
+            busy_since_marker.discard(partition)
+            await asyncio.gather(*[
+                await customer_events.send(key=b"", value=following.encode(), partition=p, headers=following.headers())
+                for p in range(following.partitions)])
+
+    async def _forward(b: Batch, to: str, value: bytes, headers: list[tuple[str, bytes]], hops: int) -> None:
+        b.sent_from.add(b.partition)
+        if hops >= MAX_HOPS:
+            log.error("identity chain longer than %s hops at %s: dropped to dead letters", MAX_HOPS, to)
+            dead = DeadLetter(value, "identity_chain", f"more than {MAX_HOPS} alias hops; last key {to}")
+            b.sends.append(await dead_topic.send(key=to.encode(), value=value, headers=dead.headers()))
+            return
+        b.sends.append(await customer_events.send(key=to.encode(), value=value,
+                                                  headers=[*headers, (HOPS_HEADER, str(hops + 1).encode())]))
+
+    async def _on_event(b: Batch, key: bytes, partition: int, value: bytes, hops: int) -> None:
+        customer_event = codecs.decode_event(value)
+        clock.observe(partition, customer_event.occurred_at)
+        name = key.decode()
+        alias = b.alias(key, partition)
+        if erased_before(alias, customer_event.occurred_at):
+            log.info("event %s under %s predates the erasure of its customer: dropped", customer_event.event_id, name)
+            return
+        target = canonical(alias, name)
+        if target != name:  # the key was absorbed: its customer lives under another key now
+            await _forward(b, target, value, [], hops)
+            return
+        state = b.profile(key, partition)
+        now_ms = evaluation_time(customer_event.occurred_at, state)
+        if customer_event.source == "crm" and customer_event.type == "erasure_request":
+            await _erase(b, key, partition, state, identifiers_of(customer_event), now_ms, customer_event.event_id)
+            return
+        if state is not None and state.next_check_at is not None and state.next_check_at <= now_ms:
+            # Transitions that fell due before this event are time's, at their own instants.
+            await emit(key, advance(state, now_ms, segments, config), b.sends)
+        known = {*alias_keys(state), *state.merged_keys} if state is not None else set()
+        result = step(state, name, customer_event, now_ms, segments, config)
+        if result.duplicate:
+            metrics.duplicate()
+            return
+        b.set_profile(key, partition, result.state, now_ms)
+        await emit(key, result, b.sends)
+        for ident in identifiers_of(customer_event):
+            if ident != name and ident not in known:  # a new identifier: it is this customer's now
+                await b.command(Command("link", ident, to=name, at=now_ms, cause=customer_event.event_id))
+
+    async def _on_link(b: Batch, key: bytes, partition: int, command: Command) -> None:
+        own = b.profile(key, partition)
+        outcome = on_link(command, b.alias(key, partition), own, max_links=settings.identity_max_links)
+        if outcome.conflict or outcome.capped:
+            reason = "two CRM customer ids" if outcome.conflict else f"{settings.identity_max_links} links already"
+            log.warning("identity link %s -> %s refused: %s", command.key, command.to, reason)
+            metrics.identity_conflict()
+            return
+        if outcome.alias is not None:
+            b.set_alias(key, partition, outcome.alias)
+        if outcome.absorb and own is not None and outcome.alias is not None:
+            metrics.merge()
+            now_ms = evaluation_time(command.at, own)
+            released = release(own, now_ms, cause="merge")
+            await emit(key, released, b.sends)
+            b.set_profile(key, partition, None, now_ms, "merge")
+            await b.command(Command("merge", outcome.alias.to, source=command.key, state=own.to_dict(), at=now_ms,
+                                    cause=command.cause))
+        for follow in outcome.send or ():
+            await b.command(follow)
+
+    async def _on_merge(b: Batch, key: bytes, partition: int, command: Command, hops: int) -> None:
+        name = key.decode()
+        alias = b.alias(key, partition)
+        absorbed = ProfileState.from_dict(command.state or {"customer_id": command.source})
+        if erased_before(alias, absorbed.first_seen_at):
+            log.info("merge of %s into %s predates the erasure of %s: dropped", command.source, name, name)
+            return
+        target = canonical(alias, name)
+        if target != name:  # the survivor was itself absorbed meanwhile: follow it
+            moved = Command("merge", target, source=command.source, state=command.state, at=command.at,
+                            cause=command.cause)
+            await _forward(b, target, moved.encode(), moved.headers(), hops)
+            return
+        state = b.profile(key, partition)
+        now_ms = evaluation_time(command.at, state)
+        result = absorb(state, name, absorbed, command.source, now_ms, segments, config)
+        if result.duplicate:
+            return
+        b.set_profile(key, partition, result.state, now_ms)
+        await emit(key, result, b.sends)
+
+    async def _on_erase(b: Batch, key: bytes, partition: int, command: Command) -> None:
+        state = b.profile(key, partition)
+        if state is not None and erased_before(Alias("", erased_at=command.at), state.first_seen_at):
+            await _erase(b, key, partition, state, [], command.at, command.cause)
+        else:  # no profile, or one that began after the erasure: the tombstone, and ClickHouse
+            # still forgets what this key held before (memberships of a profile absorbed earlier)
+            b.set_alias(key, partition, Alias("", erased_at=command.at))
+            if state is None:
+                b.set_profile(key, partition, None, command.at, "erase")
+
+    async def _erase(b: Batch, key: bytes, partition: int, state: ProfileState | None, identifiers: list[str],
+                     now_ms: int, cause: str) -> None:
+        """Forget a customer: exits (cause ``erasure``), the profile, and every key that led to it."""
+        name = key.decode()
+        linked = set(identifiers)
+        if state is not None:
+            linked |= {*alias_keys(state), *state.merged_keys}
+            await emit(key, release(state, now_ms, cause="erasure"), b.sends)
+        b.set_profile(key, partition, None, now_ms, "erase")
+        b.set_alias(key, partition, Alias("", erased_at=now_ms))
+        for other in sorted(linked - {name}):
+            await b.command(Command("erase", other, at=now_ms, cause=cause))
 
     indexed: set[int] = set()
 
@@ -280,8 +482,9 @@ def create_app(settings: Settings, segments: Sequence[Segment]) -> faust.App:
             for partition in indexed - assigned:
                 timers.drop(partition)
             for partition in assigned - indexed:
-                for key, state in store.scan(partition, partitions):
-                    timers.put(partition, key, state.next_check_at)
+                for key, value in store.items(partition, partitions):
+                    state = _decode_state(value)
+                    timers.put(partition, key, state.next_check_at if state is not None else None)
             indexed.clear()
             indexed.update(assigned)
             sends: list[Any] = []
@@ -295,19 +498,37 @@ def create_app(settings: Settings, segments: Sequence[Segment]) -> faust.App:
     async def clickhouse_sink(stream: Any) -> None:
         loop = asyncio.get_running_loop()
         async for batch in stream.take_events(settings.sink_batch_size, settings.sink_batch_seconds):
-            changes, rows, dead, markers = [], [], [], []
+            pending = _SinkBatch()
+            markers = []
             for event in batch:
                 message = event.message
-                if control_kind(message.headers) == MARKER:
+                headers = dict(message.headers.items() if isinstance(message.headers, dict)
+                               else message.headers or ())
+                if headers.get(HEADER) == MARKER:
                     markers.append((message.topic, message.partition, Marker.decode(message.value)))
                 elif message.topic == changes_name:
-                    changes.append(codecs.decode_change(message.value))
+                    if message.value is None:  # an erased customer: its changes leave ClickHouse
+                        at = int(headers.get(AT_HEADER, b"0") or 0)
+                        pending.delete(message.key.decode(), at, CHANGE_TABLES)
+                        continue
+                    change = codecs.decode_change(message.value)
+                    if change["cause"] == "erasure":
+                        continue  # on the topic for subscribers; in ClickHouse the erasure deletes instead
+                    if pending.deleted(change["customer_id"]):
+                        await _retry(loop, pending.flush())
+                    pending.changes.append(change)
                 elif message.topic == profiles_name:
-                    rows.append(codecs.decode_profile(message.value))
+                    if message.value is None:  # a tombstone: the profile was absorbed or erased
+                        at = int(headers.get(AT_HEADER, b"0") or 0)
+                        pending.delete(message.key.decode(), at, PROFILE_TABLES)
+                        continue
+                    row = codecs.decode_profile(message.value)
+                    if pending.deleted(row["customer_id"]):
+                        await _retry(loop, pending.flush())
+                    pending.rows.append(row)
                 else:
-                    dead.append(_dead_letter_row(message))
-            write = functools.partial(writer.write, changes=changes, profiles=rows, dead_letters=dead)
-            await _retry(loop, write)
+                    pending.dead.append(_dead_letter_row(message))
+            await _retry(loop, pending.flush())
             for topic, partition, marker in markers:
                 expected = marker.partitions * (2 + marker.origins)  # changes, profiles, dead letters
                 if sink_markers.add(marker.run_id, "sink", (topic, partition, marker.origin), expected):
@@ -315,11 +536,87 @@ def create_app(settings: Settings, segments: Sequence[Segment]) -> faust.App:
                     await (await control_topic.send(key=marker.run_id.encode(), value=marker.encode(),
                                                     headers=[(HEADER, DONE)]))
 
+    class _SinkBatch:
+        """Rows to insert and customers to delete, applied in order: rows that follow a deletion
+        of the same customer in the batch are written after it. Each table's deletions come
+        through the topic that feeds it, so they are ordered with that customer's rows."""
+
+        def __init__(self) -> None:
+            self.changes: list[dict[str, Any]] = []
+            self.rows: list[dict[str, Any]] = []
+            self.dead: list[dict[str, Any]] = []
+            self.deletes: dict[tuple[str, ...], dict[str, int]] = {}
+
+        def delete(self, customer_id: str, at: int, tables: tuple[str, ...]) -> None:
+            keys = self.deletes.setdefault(tables, {})
+            keys[customer_id] = max(at, keys.get(customer_id, 0))
+
+        def deleted(self, customer_id: str) -> bool:
+            return any(customer_id in keys for keys in self.deletes.values())
+
+        def flush(self) -> Any:
+            changes, rows, dead, deletes = self.changes, self.rows, self.dead, self.deletes
+            self.changes, self.rows, self.dead, self.deletes = [], [], [], {}
+
+            def write() -> int:
+                writer.write(changes=changes, profiles=rows, dead_letters=dead)
+                for tables, keys in deletes.items():
+                    writer.delete_customers(sorted(keys), until_ms=max(keys.values()), tables=tables)
+                return len(changes) + len(rows) + len(dead)
+            return write
+
+    def lookup(customer_id: str) -> ProfileState | None:
+        """The profile under a key, following its aliases (this worker's partitions only)."""
+        key = customer_id.encode()
+        for _ in range(MAX_HOPS):
+            partition = partition_for_key(key, partitions)
+            value = aliases.get(key, partition)
+            alias = Alias.decode(value) if value else None
+            target = canonical(alias, key.decode())
+            if target == key.decode():
+                return _decode_state(store.get(key, partition))
+            key = target.encode()
+        return None
+
+    async def members(segment_id: str) -> list[dict[str, Any]]:
+        client = await asyncio.get_running_loop().run_in_executor(executor, lambda: writer.client)
+        return await asyncio.get_running_loop().run_in_executor(
+            executor, cohort, client, settings.clickhouse_database, segment_id)
+
+    async def sizes() -> dict[str, int]:
+        client = await asyncio.get_running_loop().run_in_executor(executor, lambda: writer.client)
+        return await asyncio.get_running_loop().run_in_executor(
+            executor, segment_sizes, client, settings.clickhouse_database)
+
+    def ready() -> bool:
+        topic = customer_events.get_topic_name()
+        assigned = any(tp.topic == topic for tp in app.assignor.assigned_actives())
+        return assigned and not app.rebalancing and not app.in_recovery
+
+    backend = WorkerBackend(
+        segments=lambda: segments, lookup=lookup,
+        now_ms=lambda customer_id: clock.now_ms(partition_for_key(customer_id.encode(), partitions)),
+        members=members, sizes=sizes, ready=ready, half_life_days=settings.affinity_half_life_days)
+
+    if settings.http_port:
+        @app.task
+        async def http_api() -> None:
+            token = settings.api_token.get_secret_value() if settings.api_token else None
+            runner = await start_api(build_api(backend=backend, metrics=metrics, token=token),
+                                     settings.http_host, settings.http_port)
+            log.info("HTTP API on %s:%s", settings.http_host, settings.http_port)
+            try:
+                await asyncio.Event().wait()  # until the worker stops (the task is cancelled)
+            finally:
+                await stop_api(runner)
+
     async def _retry(loop: asyncio.AbstractEventLoop, write: Any) -> None:
         delay = 0.5
         while True:  # retry until ClickHouse takes the batch: the batch is acked only after
             try:
-                await loop.run_in_executor(executor, write)
+                started = time.perf_counter()
+                rows = await loop.run_in_executor(executor, write)
+                metrics.sink_batch(time.perf_counter() - started, rows or 0)
                 return
             except Exception as exc:  # noqa: BLE001 - any failure: back off and retry
                 log.error("ClickHouse insert failed (%s); retrying in %.1f s", exc, delay)

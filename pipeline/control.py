@@ -7,10 +7,15 @@ partition was handled:
 
 - ingest: after the sends of the events before it completed, to every partition of
   ``customer-events`` and of ``dead-letters``;
-- profiles: once a ``customer-events`` partition has seen the marker from every input
-  partition, it applies the time-driven transitions up to the marker's watermark, writes its
-  state, and forwards the marker to the same partition of ``segment-changes`` and
-  ``profile-updates``;
+- profiles: identity links travel between ``customer-events`` partitions as commands, which
+  may beget more commands, so completion there is a small termination detection. Once a
+  partition has seen the marker from every input partition (round 0), and then after each
+  round k, it sends a round k+1 marker to every partition, saying whether it sent commands
+  since its previous marker (``busy``). A partition that receives round k markers from all
+  partitions has received every command sent before them; when none of them was busy, no
+  command is in flight anywhere, and it applies the time-driven transitions up to the
+  marker's watermark, writes its state, and forwards the marker to the same partition of
+  ``segment-changes`` and ``profile-updates``;
 - the ClickHouse writer: once every partition of those topics and of ``dead-letters`` brought
   the marker and the batches before it were inserted, it announces the run done on the
   control topic, where the replay waits for it.
@@ -37,6 +42,8 @@ class Marker:
     origins: int  # input partitions the marker was sent to (topics x partitions)
     partitions: int  # partitions of the internal and output topics
     origin: str = ""  # "topic:partition" of the input partition the marker came through
+    round: int = 0  # 0: from ingest; 1, 2, ...: between profile partitions, until no command is in flight
+    busy: bool = False  # the sending partition sent identity commands since its previous round's marker
 
     def encode(self) -> bytes:
         return json.dumps(asdict(self), separators=(",", ":")).encode()
@@ -68,12 +75,18 @@ class Completion:
 
     def __init__(self) -> None:
         self._seen: dict[tuple[str, Hashable], set[Hashable]] = {}
+        self._busy: dict[tuple[str, Hashable], bool] = {}
 
-    def add(self, run_id: str, scope: Hashable, arrival: Hashable, expected: int) -> bool:
+    def add(self, run_id: str, scope: Hashable, arrival: Hashable, expected: int, busy: bool = False) -> bool:
         """Record ``arrival`` of run ``run_id`` within ``scope``; True exactly once, when the
         scope has seen ``expected`` distinct arrivals."""
         seen = self._seen.setdefault((run_id, scope), set())
         if arrival in seen:
             return False  # a redelivered marker counts once
         seen.add(arrival)
+        self._busy[(run_id, scope)] = self._busy.get((run_id, scope), False) or busy
         return len(seen) == expected
+
+    def busy(self, run_id: str, scope: Hashable) -> bool:
+        """Whether any arrival in the scope said it was busy."""
+        return self._busy.get((run_id, scope), False)

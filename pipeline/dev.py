@@ -75,8 +75,8 @@ def run_dev(settings: Settings, *, rate: float = 200.0, customers: int = 500, se
                         produced += 1
                     producer.flush()
                     for record in consumer:
-                        if control_kind(record.headers) is not None:
-                            continue
+                        if control_kind(record.headers) is not None or record.value is None:
+                            continue  # markers; tombstones of erased customers (their exits came first)
                         change = decode_change(record.value)
                         sizes[change["segment_id"]] += 1 if change["change"] == "entered" else -1
                         changes += 1

@@ -79,6 +79,34 @@ def advance(state: ProfileState, until_ms: int, segments: Sequence[Segment], con
     return StepResult(state, changes, row)
 
 
+def absorb(state: ProfileState | None, key: str, absorbed: ProfileState, source: str, now_ms: int,
+           segments: Sequence[Segment], config: Config = Config()) -> StepResult:
+    """Merge the profile that was under ``source`` into ``key``'s and re-evaluate (cause ``merge``).
+
+    Idempotent: a profile remembers the keys it absorbed, so a redelivered merge is a duplicate.
+    """
+    from pipeline.identity import merge_profiles
+
+    if state is None:
+        state = new_profile(key)
+    if source == key or source in state.merged_keys:
+        return StepResult(state, duplicate=True)
+    merged = merge_profiles(state, absorbed, half_life_days=config.half_life_days, dedup_window=config.dedup_window)
+    merged.merged_keys = sorted({*state.merged_keys, *absorbed.merged_keys, source})
+    merged.updated_at = max(merged.updated_at, now_ms)
+    return _reevaluate(merged, now_ms, segments, config, cause="merge")
+
+
+def release(state: ProfileState, now_ms: int, *, cause: str) -> StepResult:
+    """The profile goes away (absorbed by a merge, or erased): it exits every segment it is in."""
+    state.version += 1
+    state.updated_at = max(state.updated_at, now_ms)
+    changes = diff(state.segments, (), customer_id=state.customer_id, at=now_ms, version=state.version, cause=cause)
+    state.segments = {}
+    state.next_check_at = None
+    return StepResult(state, changes)
+
+
 def _reevaluate(state: ProfileState, now_ms: int, segments: Sequence[Segment], config: Config, *,
                 cause: str, bump: bool = False) -> StepResult:
     row = columns(state, now_ms, half_life_days=config.half_life_days)

@@ -62,6 +62,7 @@ class ProfileState:
     segments: dict[str, int] = field(default_factory=dict)  # segment id -> member since (ms)
     recent_event_ids: list[str] = field(default_factory=list)
     next_check_at: int | None = None  # when memberships may next change with no event (timer index)
+    merged_keys: list[str] = field(default_factory=list)  # keys of the profiles absorbed into this one
     version: int = 0
     updated_at: int = 0
 

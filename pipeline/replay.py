@@ -94,7 +94,8 @@ def run_replay(settings: Settings, sources: Sequence[tuple[str, Path]], *, conso
     summary = ReplaySummary(watermark=watermark)
     run_id = uuid.uuid4().hex
     with EmbeddedBroker(data_dir) as broker:
-        worker_settings = settings.model_copy(update={"broker": broker.url, "clock": "event", "clickhouse_url": None})
+        worker_settings = settings.model_copy(update={"broker": broker.url, "clock": "event", "clickhouse_url": None,
+                                                      "http_port": 0})
         t.ensure_topics([broker.bootstrap], t.product_topics(worker_settings), settings.partitions)
         log_path = data_dir / "worker.log"
         with open(log_path, "ab") as log:
@@ -168,6 +169,8 @@ def _read_outputs(bootstrap: str, settings: Settings, run_id: str, origins: int,
                     if control_kind(record.headers) == MARKER:
                         seen += Marker.decode(record.value).run_id == run_id
                     elif name == t.SEGMENT_CHANGES:
+                        if record.value is None:
+                            continue  # an erased customer's tombstone (its exits came first)
                         summary.changes[decode_change(record.value)["change"]] += 1
                     else:
                         headers = dict(record.headers or ())

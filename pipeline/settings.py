@@ -52,6 +52,8 @@ class Settings(BaseSettings):
         "wall", description="now(): wall time, or the event-time watermark (replays)."
     )
     http_port: int = Field(6066, ge=0, le=65535, description="Port of the worker's HTTP API (0: disabled).")
+    http_host: str = Field("127.0.0.1", description="Address the HTTP API listens on; 0.0.0.0 in a container "
+                           "so probes and Prometheus can reach it.")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level.")
     segments_path: Path | None = Field(
         None, description="YAML file or directory of segment definitions. Default: the built-in examples."
@@ -72,6 +74,9 @@ class Settings(BaseSettings):
     timer_sweep_seconds: float = Field(
         60.0, gt=0, description="Re-check interval for predicates whose next transition instant cannot be "
         "derived (see docs/segments.md).")
+    identity_max_links: int = Field(
+        4, ge=1, description="Times an identifier may be re-linked to another customer before further links "
+        "are refused and counted (stops a shared device id from merging many customers).")
     dedup_window_events: int = Field(64, ge=0, description="Recent event ids kept per customer to drop duplicates.")
     api_token: SecretStr | None = Field(None, description="Bearer token required by the HTTP API (optional).")
 

@@ -125,6 +125,9 @@ DEAD_COLUMNS = ["source_topic", "source_partition", "source_offset", "error_clas
 DEAD_TYPES = ["LowCardinality(String)", "Int32", "Int64", "LowCardinality(String)", "String", "String",
               "DateTime64(3, 'UTC')"]
 PROFILE_COLUMN_NAMES = list(PROFILE_COLUMNS)
+TIME_COLUMNS = {"customer_profiles": "updated_at", "segment_changes": "changed_at", "segment_membership": "since"}
+PROFILE_TABLES = ("customer_profiles",)
+CHANGE_TABLES = ("segment_changes", "segment_membership")
 PROFILE_TYPES = [ch_type for _, _, ch_type in PROFILE_COLUMNS.values()]
 
 
@@ -158,6 +161,19 @@ class ClickHouseWriter:
         """Forget the connection after a failure (the next write reconnects)."""
         if not self.dsn.startswith("chdb://"):
             self._client = None
+
+    def delete_customers(self, keys: Sequence[str], *, until_ms: int, tables: Sequence[str]) -> None:
+        """Remove customers' rows written up to ``until_ms`` from ``tables`` (customer_profiles
+        for an absorbed or erased profile; segment_changes and segment_membership for an erased
+        customer, DESIGN §4.1). Lightweight deletes: idempotent under redelivery."""
+        if not keys:
+            return
+        client = self.client
+        params = {"keys": list(keys), "until": _dt(until_ms)}
+        for table in tables:
+            column = TIME_COLUMNS[table]
+            client.command(f"DELETE FROM {self.database}.{table} WHERE customer_id IN %(keys)s "
+                           f"AND {column} <= %(until)s", parameters=params)
 
     def write(self, *, changes: Sequence[dict[str, Any]] = (), profiles: Sequence[dict[str, Any]] = (),
               dead_letters: Sequence[dict[str, Any]] = ()) -> None:

@@ -12,6 +12,7 @@ from pipeline.processes import stop_process
 
 def test_dev_shows_sizes_and_stops_cleanly(tmp_path):
     env = {**os.environ, "PIPELINE_DATA_DIR": str(tmp_path / "var"), "PIPELINE_STORE": "memory://",
+           "PIPELINE_HTTP_PORT": "0",
            "COLUMNS": "120"}
     dev = subprocess.Popen([sys.executable, "-m", "pipeline", "dev", "--rate", "300"], env=env,
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)

@@ -19,7 +19,7 @@ def test_pos_purchase_enters_buyers(broker, unique, tmp_path):
     env = {**os.environ, "PIPELINE_BROKER": broker.url, "PIPELINE_TOPIC_PREFIX": prefix,
            "PIPELINE_APP_ID": f"app-{unique}", "PIPELINE_DATA_DIR": str(tmp_path / "data"),
            "PIPELINE_STORE": "memory://", "PIPELINE_PARTITIONS": "2", "PIPELINE_SEGMENTS_PATH": str(segments),
-           "PIPELINE_LOG_LEVEL": "warning"}
+           "PIPELINE_LOG_LEVEL": "warning", "PIPELINE_HTTP_PORT": "0"}
     log_file = open(tmp_path / "worker.log", "wb")
     worker = subprocess.Popen([sys.executable, "-m", "pipeline", "worker"], env=env, stdout=log_file,
                               stderr=subprocess.STDOUT)

@@ -8,6 +8,7 @@ from contextlib import contextmanager
 
 from kafka import KafkaConsumer, TopicPartition
 
+from pipeline.broker.embedded import free_port
 from pipeline.processes import stop_process
 
 
@@ -21,6 +22,7 @@ def running_worker(broker, tmp_path, unique, segments_yaml: str, partitions: int
            "PIPELINE_APP_ID": f"app-{unique}", "PIPELINE_DATA_DIR": str(tmp_path / "data"),
            "PIPELINE_STORE": "memory://", "PIPELINE_PARTITIONS": str(partitions),
            "PIPELINE_SEGMENTS_PATH": str(segments), "PIPELINE_LOG_LEVEL": "warning",
+           "PIPELINE_HTTP_PORT": str(free_port()),
            **{f"PIPELINE_{k.upper()}": str(v) for k, v in settings.items()}}
     log_file = open(tmp_path / "worker.log", "wb")
     worker = subprocess.Popen([sys.executable, "-m", "pipeline", "worker"], env=env, stdout=log_file,

@@ -91,3 +91,18 @@ def test_order_of_events_does_not_change_the_profile():
             reference = row
         assert row == reference
     assert reference["nps"] == 9
+
+
+def test_absorb_is_idempotent_and_moves_memberships():
+    from pipeline.processor import absorb, release
+
+    anon = step(None, "anon:A", replace(purchase("e1", T0), customer_id=None, anonymous_id="A"), T0, SEGMENTS).state
+    customer = step(None, "c1", replace(purchase("e2", T0 + 1000), total=5.0), T0 + 1000, SEGMENTS).state
+    gone = release(anon, T0 + 2000, cause="merge")
+    assert {(c.segment_id, c.change, c.cause) for c in gone.changes} == {
+        ("buyers", "exited", "merge"), ("recent_buyers", "exited", "merge")}
+    merged = absorb(customer, "c1", anon, "anon:A", T0 + 2000, SEGMENTS)
+    assert merged.state.orders_count == 2 and merged.state.merged_keys == ["anon:A"]
+    assert merged.row is not None and merged.row["lifetime_value"] == 15.0
+    again = absorb(merged.state, "c1", anon, "anon:A", T0 + 3000, SEGMENTS)
+    assert again.duplicate and again.state.orders_count == 2
