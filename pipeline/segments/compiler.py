@@ -12,6 +12,12 @@ with a list, ``BETWEEN``, ``IS [NOT] NULL``, ``LIKE``/``ILIKE``, ``+ - * / %``, 
 ``length``, ``empty``, ``notEmpty``, ``mapContains``, map subscripts ``m['key']``, ``if``,
 ``coalesce``, ``isNull``, ``isNotNull``, ``lower``, ``upper``, ``abs``, ``greatest``,
 ``least``, ``toDateTime('…')``.
+
+Every construct is checked against ClickHouse itself (tests/integration/test_differential.py), and
+what ClickHouse would refuse or read differently is rejected here: an ``if()`` condition that is not
+true/false, ``greatest``/``least`` mixing a 64-bit integer with a float, an integer ``%`` without a
+non-zero constant divisor, a fractional ``INTERVAL``, date-times other than ``'YYYY-MM-DD[ hh:mm:ss[.fff]]'``
+(UTC). ``now()`` has whole seconds, as ClickHouse's ``now()`` does.
 """
 
 from __future__ import annotations
@@ -274,12 +280,23 @@ def _datetime_literal(comp: _Compiler, node: exp.Expression, typed: Typed) -> Fn
     return lambda row, now: value
 
 
-def _parse_datetime(comp: _Compiler, node: exp.Expression, text: str) -> datetime:
+_DATETIME_TEXT = re.compile(r"\d{4}-\d{2}-\d{2}( \d{2}:\d{2}:\d{2}(\.\d{1,3})?)?")
+
+
+def _parse_datetime(comp: _Compiler, node: exp.Expression, text: str, *,
+                    years: tuple[int, int] = (1900, 2299)) -> datetime:
+    # Only the forms ClickHouse reads the same way (in UTC): other spellings ('T', 'Z', offsets, more
+    # than millisecond digits, compact dates) are parsed differently or not at all there.
     try:
-        parsed = datetime.fromisoformat(text.replace("Z", "+00:00"))
+        if not _DATETIME_TEXT.fullmatch(text):
+            raise ValueError(text)
+        parsed = datetime.fromisoformat(text)
     except ValueError:
-        raise comp.fail(node, f"{text!r} is not a date-time (expected 'YYYY-MM-DD hh:mm:ss')") from None
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+        raise comp.fail(node, f"{text!r} is not a date-time (expected 'YYYY-MM-DD hh:mm:ss[.fff]' or "
+                              "'YYYY-MM-DD', UTC)") from None
+    if not years[0] <= parsed.year <= years[1]:
+        raise comp.fail(node, f"{text!r} is out of range: ClickHouse keeps years {years[0]} to {years[1]} here")
+    return parsed.replace(tzinfo=UTC)
 
 
 def _num(value: Any) -> Any:
@@ -306,6 +323,14 @@ def _arith(op: Callable[[Any, Any], Any], symbol: str) -> Callable[[_Compiler, e
             return _interval(comp, node, symbol)
         left = comp.expect(node.this, comp.c(node.this), T.NUM, T.BOOL)
         right = comp.expect(right_node, comp.c(right_node), T.NUM, T.BOOL)
+        if symbol == "%" and "float" not in (_numeric_kind(node.this), _numeric_kind(right_node)):
+            # An integer modulo 0 fails the whole ClickHouse query (ILLEGAL_DIVISION), so it cannot
+            # agree with the stream: integers take only a non-zero constant divisor.
+            divisor = right.fn({}, EPOCH) if right.const else None
+            if divisor is None or divisor == 0:
+                raise comp.fail(right_node, f"the divisor of % must be a non-zero number constant here, not "
+                                            f"{right_node.sql('clickhouse')} (ClickHouse fails the whole query "
+                                            "on an integer modulo 0)")
         fn = _null_safe2(lambda a, b: op(_num(a), _num(b)))(left.fn, right.fn)
         return Typed(fn, T.NUM, left.nullable or right.nullable)
     return handler
@@ -325,7 +350,10 @@ def _mod(a: Any, b: Any) -> Any:
         if isinstance(a, int) and isinstance(b, int):
             raise ZeroDivisionError("modulo by zero")
         return math.nan
-    return math.fmod(a, b) if isinstance(a, float) or isinstance(b, float) else int(math.fmod(a, b))
+    if isinstance(a, float) or isinstance(b, float):
+        return math.fmod(a, b)
+    remainder = abs(a) % abs(b)  # exact; the sign follows the dividend, as in ClickHouse
+    return remainder if a >= 0 else -remainder
 
 
 def _interval(comp: _Compiler, node: exp.Binary, symbol: str) -> Typed:
@@ -339,6 +367,10 @@ def _interval(comp: _Compiler, node: exp.Binary, symbol: str) -> Typed:
         amount = float(str(interval.this.this))
     except (TypeError, ValueError):
         raise comp.fail(interval, "the INTERVAL amount must be a number") from None
+    if not amount.is_integer():
+        # ClickHouse truncates INTERVAL 1.5 DAY to 1 day: ask for what it will do
+        raise comp.fail(interval, f"the INTERVAL amount must be a whole number, not {amount:g}; "
+                                  "use a smaller unit (e.g. INTERVAL 36 HOUR)")
     delta = timedelta(seconds=amount * INTERVAL_UNITS[unit] * (1 if symbol == "+" else -1))
     bf = base.fn
 
@@ -374,11 +406,15 @@ def _in(comp: _Compiler, node: exp.In) -> Typed:
     else:
         values = frozenset(_num(v) for v in options if v is not None)
     lf = left.fn
+    # ClickHouse's IN looks a Float64 up by its bits: -0.0 IN (0) is false though -0.0 = 0 is true.
+    zero_signs = {math.copysign(1.0, v) for v in values if isinstance(v, (int, float)) and v == 0}
 
     def fn(row: Row, now: datetime) -> bool | None:
         value = lf(row, now)
         if value is None:
             return None
+        if isinstance(value, float) and value == 0:
+            return math.copysign(1.0, value) in zero_signs
         return _num(value) in values
     return Typed(fn, T.BOOL, left.nullable)
 
@@ -415,10 +451,11 @@ def _like(case_insensitive: bool) -> Callable[[_Compiler, exp.Binary], Typed]:
             raise comp.fail(node.expression, "the LIKE pattern must be a string constant")
         regex = _like_regex(pattern.fn({}, EPOCH), case_insensitive)
         vf = value.fn
+        negate = bool(node.args.get("negate"))  # sqlglot parses `x NOT LIKE p` as Like(negate=True)
 
         def fn(row: Row, now: datetime) -> bool | None:
             text = vf(row, now)
-            return None if text is None else regex.fullmatch(text) is not None
+            return None if text is None else (regex.fullmatch(text) is not None) != negate
         return Typed(fn, T.BOOL, value.nullable)
     return handler
 
@@ -451,10 +488,9 @@ def _bracket(comp: _Compiler, node: exp.Bracket) -> Typed:
     tf, kf = target.fn, key.fn
 
     def fn(row: Row, now: datetime) -> Any:
-        mapping = tf(row, now)
         name = kf(row, now)
-        return mapping.get(name, 0.0) if name is not None else 0.0
-    return Typed(fn, T.NUM, False)
+        return None if name is None else tf(row, now).get(name, 0.0)  # m[NULL] is NULL, a missing key 0
+    return Typed(fn, T.NUM, key.nullable)
 
 
 def _date_diff(comp: _Compiler, node: exp.DateDiff) -> Typed:
@@ -488,12 +524,26 @@ def date_diff(unit: str, start: datetime, end: datetime) -> int:
 def _array_contains(comp: _Compiler, node: exp.ArrayContains) -> Typed:
     array = comp.expect(node.this, comp.c(node.this), T.ARR)
     item = comp.expect(node.expression, comp.c(node.expression), T.STR)
-    af, itf = array.fn, item.fn
+    af, itf = array.fn, _needle(item)
 
     def fn(row: Row, now: datetime) -> bool:
         value = itf(row, now)
         return value is not None and value in af(row, now)
     return Typed(fn, T.BOOL, False)
+
+
+def _needle(item: Typed) -> Fn:
+    """The value has()/mapContains() look for. ClickHouse compares a NULL that comes from a column
+    (``has(anonymous_ids, top_category)`` with top_category NULL) as the nested default, the empty
+    string, while a literal NULL matches nothing."""
+    f = item.fn
+    if item.const or not item.nullable:
+        return f
+
+    def fn(row: Row, now: datetime) -> Any:
+        value = f(row, now)
+        return "" if value is None else value
+    return fn
 
 
 def _array_literal(comp: _Compiler, node: exp.Array) -> Typed:
@@ -519,7 +569,12 @@ def _length(comp: _Compiler, node: exp.Length) -> Typed:
 
 
 def _if(comp: _Compiler, node: exp.If) -> Typed:
-    cond = comp.expect(node.this, comp.c(node.this), T.BOOL, T.NUM)
+    # ClickHouse wants a UInt8/Bool condition: if(orders_count, …) is refused ("Must be UInt8").
+    cond = comp.c(node.this)
+    if cond.type not in (T.BOOL, T.NULL):
+        raise comp.fail(node.this, f"the condition of if() must be true/false, not a {cond.type.value} "
+                                   f"({node.this.sql('clickhouse')}); compare it, e.g. "
+                                   f"{node.this.sql('clickhouse')} > 0")
     yes = comp.c(node.args["true"])
     false_node = node.args.get("false")
     if false_node is None:
@@ -558,6 +613,10 @@ def _coalesce(comp: _Compiler, node: exp.Coalesce) -> Typed:
     return Typed(fn, kind, all(p.nullable for p in parts))
 
 
+_ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
+_ASCII_UPPER = str.maketrans("abcdefghijklmnopqrstuvwxyz", "ABCDEFGHIJKLMNOPQRSTUVWXYZ")
+
+
 def _case_fn(convert: Callable[[str], str]) -> Callable[[_Compiler, exp.Func], Typed]:
     def handler(comp: _Compiler, node: exp.Func) -> Typed:
         inner = comp.expect(node.this, comp.c(node.this), T.STR)
@@ -580,12 +639,84 @@ def _abs(comp: _Compiler, node: exp.Abs) -> Typed:
     return Typed(fn, T.NUM, inner.nullable)
 
 
+def _numeric_kind(node: exp.Expression) -> str:
+    """ClickHouse's numeric type family of an expression: 'float' (Float64), 'uint64' / 'int64' (64-bit
+    unsigned / signed integers), 'int?' (a 64-bit integer of uncertain sign), 'small' (Bool, UInt8
+    results, small non-negative integer literals), 'small-' (small negative literals), 'null' or 'other'."""
+    if isinstance(node, exp.Paren):
+        return _numeric_kind(node.this)
+    if isinstance(node, exp.Column):
+        ch_type = PROFILE_COLUMNS[node.name][2] if node.name in PROFILE_COLUMNS else ""
+        return "float" if "Float" in ch_type else "uint64" if "UInt" in ch_type else "int64" if "Int" in ch_type \
+            else "small" if "Bool" in ch_type else "other"
+    if isinstance(node, exp.Literal):
+        if node.is_string:
+            return "other"
+        if any(ch in node.this for ch in ".eE"):
+            return "float"
+        return "small" if int(node.this) < 2**31 else "uint64"
+    if isinstance(node, exp.Neg):
+        inner = _numeric_kind(node.this)
+        return {"small": "small-", "small-": "small", "uint64": "int64"}.get(inner, inner)
+    if isinstance(node, exp.Abs):
+        inner = _numeric_kind(node.this)
+        return {"small-": "small", "int64": "uint64"}.get(inner, inner)
+    if isinstance(node, exp.Null):
+        return "null"
+    if isinstance(node, (exp.Div, exp.Bracket)):
+        return "float"
+    if isinstance(node, exp.DateDiff):
+        return "int64"
+    if isinstance(node, exp.Length):
+        return "uint64"
+    if isinstance(node, (exp.Add, exp.Sub, exp.Mul, exp.Mod)):
+        kinds = {_numeric_kind(node.this), _numeric_kind(node.expression)}
+        if "float" in kinds:
+            return "float"
+        if isinstance(node, exp.Sub):
+            return "int64"
+        return kinds.pop() if len(kinds) == 1 and isinstance(node, (exp.Add, exp.Mul)) and \
+            kinds <= {"uint64", "int64"} else "int?"
+    if isinstance(node, (exp.If, exp.Coalesce, exp.Greatest, exp.Least)):
+        parts = [node.args.get("true"), node.args.get("false")] if isinstance(node, exp.If) \
+            else [node.this, *node.expressions]
+        kinds = {_numeric_kind(p) for p in parts if p is not None} - {"null"}
+        if not kinds:
+            return "null"
+        for kind in ("other", "float", "int?"):
+            if kind in kinds:
+                return kind
+        wide = kinds & {"uint64", "int64"}
+        return (wide.pop() if len(wide) == 1 else "int?") if wide else "small" if kinds == {"small"} else "small-"
+    if isinstance(node, (exp.Predicate, exp.Connector, exp.Not, exp.Boolean, exp.ArrayContains)):
+        return "small"
+    return "other"
+
+
 def _extreme(pick: Callable[[Iterable[Any]], Any]) -> Callable[[_Compiler, exp.Func], Typed]:
     def handler(comp: _Compiler, node: exp.Func) -> Typed:
         parts = [comp.c(node.this)] + [comp.c(e) for e in node.expressions]
         kind = _common_type(comp, node, *parts)
         if kind not in (T.NUM, T.BOOL, T.DT, T.STR):
             raise comp.fail(node, "greatest() and least() compare numbers, strings or date-times")
+        if kind is T.NUM:
+            # ClickHouse refuses greatest/least over a 64-bit integer and a Float64 (no common type).
+            nodes = [node.this, *node.expressions]
+            kinds = [_numeric_kind(n) for n in nodes]
+            wide = [n for n, k in zip(nodes, kinds, strict=True) if k in ("uint64", "int64", "int?")]
+            if "float" in kinds and wide:
+                integer = wide[0].sql("clickhouse")
+                raise comp.fail(node, f"{node.sql_name().lower()}() cannot mix an integer ({integer}) with a "
+                                      f"floating-point number (ClickHouse has no common type for them); "
+                                      f"write {integer} * 1.0 to compare as numbers with a fraction")
+            # With a NULL-able argument ClickHouse needs one common type: none for UInt64 and signed.
+            signed = {"int64", "small-"} & set(kinds)
+            if any(p.nullable and p.type is not T.NULL for p in parts) and (
+                    ("uint64" in kinds and signed) or ("int?" in kinds and len(wide) + len(signed) > 1)):
+                raise comp.fail(node, f"{node.sql_name().lower()}() mixes unsigned and signed integers with a "
+                                      "value that may be NULL (ClickHouse has no common type for them); "
+                                      "make the unsigned one signed (e.g. orders_count - 0) or coalesce() "
+                                      "the NULL-able one")
         fns = [p.fn for p in parts]
 
         def fn(row: Row, now: datetime) -> Any:
@@ -599,7 +730,8 @@ def _extreme(pick: Callable[[Iterable[Any]], Any]) -> Callable[[_Compiler, exp.F
 def _fn_now(comp: _Compiler, node: exp.Anonymous, args: list[exp.Expression]) -> Typed:
     comp.arity(node, "now", args, 0)
     comp.uses_now = True
-    return Typed(lambda row, now: now, T.DT, False)
+    # ClickHouse's now() is a DateTime: whole seconds (the milliseconds of the clock are dropped).
+    return Typed(lambda row, now: now.replace(microsecond=0), T.DT, False)
 
 
 def _fn_null_check(negate: bool) -> Callable[[_Compiler, exp.Anonymous, list[exp.Expression]], Typed]:
@@ -646,8 +778,12 @@ def _fn_map_contains(comp: _Compiler, node: exp.Anonymous, args: list[exp.Expres
     comp.arity(node, "mapContains", args, 2)
     mapping = comp.expect(args[0], comp.c(args[0]), T.MAP)
     key = comp.expect(args[1], comp.c(args[1]), T.STR)
-    mf, kf = mapping.fn, key.fn
-    return Typed(lambda row, now: kf(row, now) in mf(row, now), T.BOOL, False)
+    mf, kf = mapping.fn, _needle(key)
+
+    def fn(row: Row, now: datetime) -> bool:
+        value = kf(row, now)
+        return value is not None and value in mf(row, now)
+    return Typed(fn, T.BOOL, False)
 
 
 def _fn_to_datetime(comp: _Compiler, node: exp.Anonymous, args: list[exp.Expression]) -> Typed:
@@ -655,7 +791,8 @@ def _fn_to_datetime(comp: _Compiler, node: exp.Anonymous, args: list[exp.Express
     text = comp.expect(args[0], comp.c(args[0]), T.STR)
     if not text.const:
         raise comp.fail(args[0], "toDateTime() takes a string constant here")
-    value = _parse_datetime(comp, args[0], text.fn({}, EPOCH))
+    # toDateTime() is a DateTime: whole seconds from 1970 to 2105 (ClickHouse clamps outside the range)
+    value = _parse_datetime(comp, args[0], text.fn({}, EPOCH), years=(1970, 2105)).replace(microsecond=0)
     return Typed(lambda row, now: value, T.DT, False, True)
 
 
@@ -692,8 +829,8 @@ _HANDLERS: dict[type, Callable[[_Compiler, Any], Typed]] = {
     exp.Length: _length,
     exp.If: _if,
     exp.Coalesce: _coalesce,
-    exp.Lower: _case_fn(str.lower),
-    exp.Upper: _case_fn(str.upper),
+    exp.Lower: _case_fn(lambda text: text.translate(_ASCII_LOWER)),  # ClickHouse's lower() is ASCII-only
+    exp.Upper: _case_fn(lambda text: text.translate(_ASCII_UPPER)),
     exp.Abs: _abs,
     exp.Greatest: _extreme(max),
     exp.Least: _extreme(min),
@@ -749,7 +886,7 @@ def compile_where(text: str, *, segment_id: str | None = None, source: str | Non
             value = top_fn(row, now)
         except (ZeroDivisionError, OverflowError, ValueError):
             return False  # ClickHouse would raise; the stream treats it as "not a member"
-        return value is not None and bool(value) and not (isinstance(value, float) and math.isnan(value))
+        return value is not None and bool(value)  # like ClickHouse's WHERE: non-zero, NaN included
 
     return Compiled(text=text, sql=tree.sql("clickhouse"), fn=predicate, columns=frozenset(comp.columns),
                     uses_now=comp.uses_now, terms=terms)

@@ -12,16 +12,17 @@ def change(customer, segment, kind, version, at=T):
             "profile_version": version, "cause": f"e{version}"}
 
 
-def test_membership_is_idempotent_under_redelivery(tmp_path, unique):
+def test_membership_is_idempotent_under_redelivery(chdb_dsn, chdb_client, unique):
     database = f"t_{unique}"
-    writer = ClickHouseWriter(f"chdb://{tmp_path / 'ch'}", database)
+    writer = ClickHouseWriter(chdb_dsn, database)
     batch = [change("c1", "buyers", "entered", 1), change("c2", "buyers", "entered", 1),
              change("c2", "buyers", "exited", 2, T + 5)]
     profile = new_profile("c1")
     profile.anonymous_ids.append("a1")
     writer.write(changes=batch, profiles=[columns(profile, T)])
     writer.write(changes=batch)  # redelivered after a crash
-    client = connect(f"chdb://{tmp_path / 'ch'}")
+    client = connect(chdb_dsn)
+    assert client is chdb_client  # one chDB client per data path and process
     assert migrate(client, database) == []  # already applied
     members = cohort(client, database, "buyers")
     assert [(m["customer_id"], m["anonymous_ids"]) for m in members] == [("c1", ["a1"])]

@@ -97,3 +97,75 @@ def test_yaml_structure_errors():
 def test_builtin_segments_compile():
     ids = [s.id for s in load_segments(None)]
     assert "buyers" in ids and "cooking_class_prospects" in ids
+
+
+# Fixes found by the differential test against ClickHouse (tests/integration/test_differential.py).
+
+@pytest.mark.parametrize("text, values, now, expected", [
+    # NOT LIKE / NOT ILIKE: sqlglot parses them as Like(negate=True); the negation was dropped
+    ("loyalty_tier NOT LIKE '%ld'", {"loyalty_tier": "a_b"}, NOW, True),
+    ("loyalty_tier NOT ILIKE 'GO%'", {"loyalty_tier": "gold"}, NOW, False),
+    # a NaN condition is true in ClickHouse's WHERE (non-zero)
+    ("spend_30d / orders_30d", {"spend_30d": 0.0, "orders_30d": 0}, NOW, True),
+    # now() is a DateTime in ClickHouse: whole seconds
+    ("last_seen_at <= now()", {"last_seen_at": datetime(2026, 1, 1, 0, 0, 0, 400000, tzinfo=UTC)},
+     datetime(2026, 1, 1, 0, 0, 0, 900000, tzinfo=UTC), False),
+    ("updated_at = now()", {"updated_at": datetime(2026, 1, 1, tzinfo=UTC)},
+     datetime(2026, 1, 1, 0, 0, 0, 999000, tzinfo=UTC), True),
+    # m[NULL] is NULL (a missing key is 0)
+    ("category_affinity[top_category] = 0", {"top_category": None, "category_affinity": {}}, NOW, False),
+    ("category_affinity[top_category] = 0", {"top_category": "x", "category_affinity": {}}, NOW, True),
+    # has()/mapContains() compare a NULL coming from a column as '' ; a literal NULL matches nothing
+    ("has(anonymous_ids, top_category)", {"top_category": None, "anonymous_ids": [""]}, NOW, True),
+    ("has(anonymous_ids, top_category)", {"top_category": None, "anonymous_ids": ["a"]}, NOW, False),
+    ("has(anonymous_ids, NULL)", {"anonymous_ids": [""]}, NOW, False),
+    ("mapContains(category_affinity, top_category)", {"top_category": None, "category_affinity": {"": 1.0}},
+     NOW, True),
+    # lower()/upper() are ASCII-only in ClickHouse
+    ("upper(top_category) = 'É'", {"top_category": "é"}, NOW, False),
+    ("lower(top_category) = 'éa'", {"top_category": "éA"}, NOW, True),
+    # IN looks floats up by their bits: -0.0 IN (0) is false (while -0.0 = 0 is true)
+    ("lifetime_value IN (0, 10.5)", {"lifetime_value": -0.0}, NOW, False),
+    ("lifetime_value = 0", {"lifetime_value": -0.0}, NOW, True),
+    ("lifetime_value IN (-0.0)", {"lifetime_value": -0.0}, NOW, True),
+    # integer modulo keeps the dividend's sign, exactly
+    ("orders_30d % 4 = -1", {"orders_30d": -5}, NOW, True),
+    ("orders_count % -4 = 1", {"orders_count": 5}, NOW, True),
+    # toDateTime('…') is a DateTime: the fraction is dropped
+    ("toDateTime('2026-11-23 11:59:59.999') = updated_at",
+     {"updated_at": datetime(2026, 11, 23, 11, 59, 59, tzinfo=UTC)}, NOW, True),
+    ("last_seen_at < '2026-11-23 11:59:59.5'",
+     {"last_seen_at": datetime(2026, 11, 23, 11, 59, 59, 400000, tzinfo=UTC)}, NOW, True),
+])
+def test_clickhouse_semantics(text, values, now, expected):
+    assert compile_where(text)(row(**values), now) is expected
+
+
+@pytest.mark.parametrize("text, message", [
+    # ClickHouse refuses these, so the stream must not accept them
+    ("if(orders_count, 1, 0) = 1", "the condition of if() must be true/false"),
+    ("least(nps, support_sentiment) < 0", "least() cannot mix an integer (nps) with a floating-point"),
+    ("greatest(orders_count, 0.5) > 1", "greatest() cannot mix an integer"),
+    ("orders_count = greatest(orders_count, nps)", "greatest() mixes unsigned and signed integers"),
+    ("greatest(if(nps > 5, orders_count, NULL), -1) > 0", "greatest() mixes unsigned and signed integers"),
+    ("orders_count % orders_30d = 1", "the divisor of % must be a non-zero number constant"),
+    ("orders_count % 0 = 1", "the divisor of % must be a non-zero number constant"),
+    # ClickHouse truncates a fractional INTERVAL
+    ("last_seen_at > now() - INTERVAL 1.5 DAY", "must be a whole number"),
+    # spellings ClickHouse reads differently, or ranges it clamps
+    ("first_seen_at < '2026-01-01T00:00:00Z'", "is not a date-time"),
+    ("first_seen_at < '2026-01-01 00:00:00+02:00'", "is not a date-time"),
+    ("last_seen_at > toDateTime('1960-01-01')", "out of range"),
+])
+def test_rejections_where_clickhouse_differs(text, message):
+    with pytest.raises(DefinitionError) as info:
+        compile_where(text)
+    assert message in str(info.value)
+
+
+def test_accepted_forms_that_clickhouse_also_accepts():
+    for text in ["greatest(nps * 1.0, support_sentiment) < 0", "greatest(lifetime_value, 0.5, 1) > 1",
+                 "lifetime_value % 0 > 0", "if(nps > 5, 1, 0) = 1", "last_seen_at > now() - INTERVAL 36 HOUR",
+                 "first_seen_at < '2026-01-01'", "orders_count % 3 = 1", "greatest(orders_count, orders_30d) > 1",
+                 "greatest(orders_count - 0, nps) > 1", "greatest(coalesce(nps, 0), orders_count) > 1"]:
+        compile_where(text)
