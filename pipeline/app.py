@@ -15,6 +15,7 @@ import asyncio
 import json
 import logging
 import time
+import uuid
 import weakref
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -31,6 +32,7 @@ from pipeline.broker import topics as t
 from pipeline.cohorts import cohort, segment_sizes
 from pipeline.control import DONE, HEADER, MARKER, Completion, Marker, control_kind
 from pipeline.decode import Limits, decode, schema_id_of
+from pipeline.errors import DefinitionError
 from pipeline.events import DeadLetter
 from pipeline.identity import alias_keys, identifiers_of, routing_key
 from pipeline.linking import (
@@ -49,10 +51,11 @@ from pipeline.linking import (
 )
 from pipeline.metrics import Metrics
 from pipeline.privacy import redact_emails
-from pipeline.processor import Config, StepResult, absorb, advance, release, schedule, step
+from pipeline.processor import Config, StepResult, absorb, advance, reevaluate, release, schedule, step
 from pipeline.profile import ProfileState
 from pipeline.registry import RegistrySchemas, schema_source
 from pipeline.segments.definitions import Segment
+from pipeline.segments.live import SENTINEL_PREFIX, DefinitionLog, set_fingerprint
 from pipeline.settings import Settings
 from pipeline.sinks.clickhouse import CHANGE_TABLES, PROFILE_TABLES, ClickHouseWriter
 from pipeline.timers import TimerIndex
@@ -145,6 +148,19 @@ def _decode_state(value: bytes | None) -> ProfileState | None:
     return ProfileState.from_dict(json.loads(value)) if value else None
 
 
+class Definitions:
+    """The segment definitions in force, replaced as a whole when a new set is applied."""
+
+    def __init__(self, initial: Sequence[Segment]) -> None:
+        self.current: list[Segment] = list(initial)
+        self.fingerprint = set_fingerprint(self.current)
+        self.ready = asyncio.Event()
+
+    def replace(self, new: Sequence[Segment]) -> None:
+        self.current = list(new)
+        self.fingerprint = set_fingerprint(self.current)
+
+
 def create_app(settings: Settings, segments: Sequence[Segment]) -> faust.App:
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     app = faust.App(
@@ -186,6 +202,9 @@ def create_app(settings: Settings, segments: Sequence[Segment]) -> faust.App:
     partitions = settings.partitions
     metrics = Metrics()
     metrics.on_scrape(lambda m: m.set_timers_pending(len(timers)))
+    definitions = Definitions(segments)
+    definitions_name = settings.topic(t.DEFINITIONS)
+    definitions_topic = app.topic(definitions_name, **raw)
 
     async def forward_marker(marker: Marker, *targets: Any) -> None:
         await asyncio.gather(*[
@@ -246,7 +265,7 @@ def create_app(settings: Settings, segments: Sequence[Segment]) -> faust.App:
             state = _decode_state(store.get(key, partition))
             if state is None or state.next_check_at != due:
                 continue  # erased, or rescheduled since
-            result = advance(state, now_ms, segments, config)
+            result = advance(state, now_ms, definitions.current, config)
             if result.row is not None:
                 sends.append(store.put(key, partition, _encode_state(state)))
             await emit(key, result, sends)
@@ -255,6 +274,7 @@ def create_app(settings: Settings, segments: Sequence[Segment]) -> faust.App:
     @app.agent(customer_events)
     async def fold_profiles(stream: Any) -> None:
         async for batch in stream.take_events(settings.batch_size, settings.batch_seconds):
+            await definitions.ready.wait()  # never evaluate under a set the topic has replaced
             async with state_lock:
                 with metrics.time_evaluation():
                     await _fold_batch(batch)
@@ -337,8 +357,9 @@ def create_app(settings: Settings, segments: Sequence[Segment]) -> faust.App:
                 continue
             # Schedule from the instant this profile was last evaluated, then catch up on what
             # fell due while the rest of the batch moved the clock on.
-            schedule(state, evaluated_at, segments, config)
-            await emit(key, advance(state, clock.now_ms(partition), segments, config), sends)
+            state.definitions = definitions.fingerprint
+            schedule(state, evaluated_at, definitions.current, config)
+            await emit(key, advance(state, clock.now_ms(partition), definitions.current, config), sends)
             timers.put(partition, key, state.next_check_at)
             sends.append(store.put(key, partition, _encode_state(state)))
         for partition in b.sent_from:
@@ -392,9 +413,9 @@ def create_app(settings: Settings, segments: Sequence[Segment]) -> faust.App:
             return
         if state is not None and state.next_check_at is not None and state.next_check_at <= now_ms:
             # Transitions that fell due before this event are time's, at their own instants.
-            await emit(key, advance(state, now_ms, segments, config), b.sends)
+            await emit(key, advance(state, now_ms, definitions.current, config), b.sends)
         known = {*alias_keys(state), *state.merged_keys} if state is not None else set()
-        result = step(state, name, customer_event, now_ms, segments, config)
+        result = step(state, name, customer_event, now_ms, definitions.current, config)
         if result.duplicate:
             metrics.duplicate()
             return
@@ -440,7 +461,7 @@ def create_app(settings: Settings, segments: Sequence[Segment]) -> faust.App:
             return
         state = b.profile(key, partition)
         now_ms = evaluation_time(command.at, state)
-        result = absorb(state, name, absorbed, command.source, now_ms, segments, config)
+        result = absorb(state, name, absorbed, command.source, now_ms, definitions.current, config)
         if result.duplicate:
             return
         b.set_profile(key, partition, result.state, now_ms)
@@ -470,27 +491,108 @@ def create_app(settings: Settings, segments: Sequence[Segment]) -> faust.App:
             await b.command(Command("erase", other, at=now_ms, cause=cause))
 
     indexed: set[int] = set()
+    scan_queue: dict[int, list[bytes]] = {}  # keys still to check per partition, after an assignment or a new set
+    rescan: set[int] = set()  # partitions to check again from the start (a new definition set)
+
+    def adopt(new: list[Segment]) -> None:
+        definitions.replace(new)
+        rescan.update(indexed)  # the next tick checks every profile again
+        log.info("segment definitions now: %s (set %s)", ", ".join(s.id for s in new), definitions.fingerprint)
+
+    if not settings.embedded_broker:
+        @app.task
+        async def follow_definitions() -> None:
+            """Live definitions from the compacted topic; ready once read up to our own sentinel."""
+            from aiokafka import AIOKafkaConsumer
+            from aiokafka import TopicPartition as KafkaPartition
+
+            feed = DefinitionLog()
+            consumer = AIOKafkaConsumer(bootstrap_servers=settings.bootstrap_servers, enable_auto_commit=False)
+            await consumer.start()
+            try:
+                partition = KafkaPartition(definitions_name, 0)
+                consumer.assign([partition])
+                await consumer.seek_to_beginning(partition)
+                sentinel = f"{SENTINEL_PREFIX}{settings.app_id}-{uuid.uuid4().hex}"
+                await (await definitions_topic.send(key=sentinel.encode(), value=b"1", partition=0))
+                while True:
+                    for records in (await consumer.getmany(timeout_ms=1000)).values():
+                        for record in records:
+                            key = record.key.decode() if record.key else ""
+                            if key == sentinel:
+                                definitions.ready.set()
+                                await definitions_topic.send(key=sentinel.encode(), value=None, partition=0)
+                                continue
+                            try:
+                                new = feed.feed(key, record.value)
+                            except (DefinitionError, ValueError) as exc:
+                                log.error("segment definitions on %s refused, keeping the current set: %s",
+                                          definitions_name, exc)
+                                continue
+                            if new is not None:
+                                adopt(new)
+            finally:
+                await consumer.stop()
+    else:
+        definitions.ready.set()
 
     @app.timer(interval=settings.timer_interval_seconds)
     async def tick() -> None:
-        """Time-driven transitions: pop what is due from the timer index, never sweep."""
-        if app.rebalancing or app.in_recovery:
+        """Time-driven transitions: pop what is due from the timer index, never sweep; then
+        check the profiles of newly assigned partitions (or all, after a new definition set)."""
+        if app.rebalancing or app.in_recovery or not definitions.ready.is_set():
             return
         topic = customer_events.get_topic_name()
         assigned = {tp.partition for tp in app.assignor.assigned_actives() if tp.topic == topic}
         async with state_lock:
             for partition in indexed - assigned:
                 timers.drop(partition)
-            for partition in assigned - indexed:
-                for key, value in store.items(partition, partitions):
-                    state = _decode_state(value)
-                    timers.put(partition, key, state.next_check_at if state is not None else None)
+                scan_queue.pop(partition, None)
+            for partition in assigned:
+                if partition not in indexed or partition in rescan:
+                    scan_queue[partition] = [k for k, _ in store.items(partition, partitions)]
+                    rescan.discard(partition)
             indexed.clear()
             indexed.update(assigned)
-            sends: list[Any] = []
-            for partition in sorted(assigned):
-                await fire_timers(partition, clock.now_ms(partition), sends)
-            await asyncio.gather(*sends)
+            await _fire_all(assigned)
+        while any(scan_queue.values()):
+            async with state_lock:
+                await _scan_some(1000)
+                await _fire_all(indexed)
+            await asyncio.sleep(0)  # let the agents in between chunks
+
+    async def _fire_all(assigned: set[int]) -> None:
+        sends: list[Any] = []
+        for partition in sorted(assigned):
+            await fire_timers(partition, clock.now_ms(partition), sends)
+        await asyncio.gather(*sends)
+
+    async def _scan_some(budget: int) -> None:
+        """Re-evaluate profiles evaluated under another definition set (cause ``definition_changed``:
+        a new segment covers every existing profile, a removed one exits its members) and put every
+        profile in the timer index."""
+        sends: list[Any] = []
+        for partition, keys in scan_queue.items():
+            while keys and budget > 0:
+                budget -= 1
+                key = keys.pop()
+                state = _decode_state(store.get(key, partition))
+                if state is None:
+                    continue
+                if state.definitions != definitions.fingerprint:
+                    now_ms = max(clock.now_ms(partition), state.updated_at) if clock.mode == "event" \
+                        else clock.now_ms(partition)
+                    await emit(key, advance(state, now_ms, definitions.current, config), sends)
+                    await emit(key, reevaluate(state, now_ms, definitions.current, config,
+                                               cause="definition_changed"), sends)
+                    state.definitions = definitions.fingerprint
+                    schedule(state, now_ms, definitions.current, config)
+                    sends.append(store.put(key, partition, _encode_state(state)))
+                timers.put(partition, key, state.next_check_at)
+            if keys:
+                log.info("checking profiles of partition %s against the segment definitions: %s left",
+                         partition, len(keys))
+        await asyncio.gather(*sends)
 
     sink_markers = Completion()
 
@@ -594,7 +696,7 @@ def create_app(settings: Settings, segments: Sequence[Segment]) -> faust.App:
         return assigned and not app.rebalancing and not app.in_recovery
 
     backend = WorkerBackend(
-        segments=lambda: segments, lookup=lookup,
+        segments=lambda: definitions.current, lookup=lookup,
         now_ms=lambda customer_id: clock.now_ms(partition_for_key(customer_id.encode(), partitions)),
         members=members, sizes=sizes, ready=ready, half_life_days=settings.affinity_half_life_days)
 

@@ -63,6 +63,7 @@ class ProfileState:
     recent_event_ids: list[str] = field(default_factory=list)
     next_check_at: int | None = None  # when memberships may next change with no event (timer index)
     merged_keys: list[str] = field(default_factory=list)  # keys of the profiles absorbed into this one
+    definitions: str = ""  # fingerprint of the segment definitions it was last evaluated under
     version: int = 0
     updated_at: int = 0
 

@@ -16,6 +16,7 @@ CUSTOMER_EVENTS = "customer-events"  # internal: normalized events keyed by cust
 SEGMENT_CHANGES = "segment-changes"
 PROFILE_UPDATES = "profile-updates"
 DEAD_LETTERS = "dead-letters"
+DEFINITIONS = "segment-definitions"  # compacted, one partition: live segment definitions
 CONTROL = "pipeline-control"  # internal: markers that tell a replay everything was processed and flushed
 
 
@@ -23,12 +24,14 @@ CONTROL = "pipeline-control"  # internal: markers that tell a replay everything 
 class TopicSpec:
     name: str
     compacted: bool = False
+    partitions: int | None = None  # None: the pipeline's partition count
 
 
 def product_topics(settings: Settings) -> list[TopicSpec]:
     names = [*INPUTS, CUSTOMER_EVENTS, SEGMENT_CHANGES, DEAD_LETTERS, CONTROL]
     specs = [TopicSpec(settings.topic(n)) for n in names]
     specs.append(TopicSpec(settings.topic(PROFILE_UPDATES), compacted=True))
+    specs.append(TopicSpec(settings.topic(DEFINITIONS), compacted=True, partitions=1))
     return specs
 
 
@@ -51,7 +54,7 @@ def ensure_topics(bootstrap: list[str], specs: list[TopicSpec], partitions: int,
     try:
         existing = set(admin.list_topics())
         missing = [
-            NewTopic(spec.name, partitions, 1,
+            NewTopic(spec.name, spec.partitions or partitions, 1,
                      topic_configs={"cleanup.policy": "compact"} if spec.compacted else {})
             for spec in specs if spec.name not in existing
         ]
