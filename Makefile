@@ -28,6 +28,7 @@ test: $(STAMP) lint ## the whole suite, ruff and mypy included
 	$(BIN)/python -m pytest
 
 bench: $(STAMP) ## run the benchmarks (figures printed and written to benchmarks/results/)
+	$(BIN)/python -m pip install --quiet -e '.[test,bench]'
 	$(BIN)/python benchmarks/bench_decode.py
 
 clean: ## remove the virtualenv and local data
