@@ -57,7 +57,7 @@ from pipeline.registry import RegistrySchemas, schema_source
 from pipeline.segments.definitions import Segment
 from pipeline.segments.live import SENTINEL_PREFIX, DefinitionLog, set_fingerprint
 from pipeline.settings import Settings
-from pipeline.sinks.clickhouse import CHANGE_TABLES, PROFILE_TABLES, ClickHouseWriter
+from pipeline.sinks.clickhouse import CHANGE_TABLES, EVENT_TABLES, PROFILE_TABLES, ClickHouseWriter, event_row
 from pipeline.timers import TimerIndex
 
 log = logging.getLogger(__name__)
@@ -191,13 +191,16 @@ def create_app(settings: Settings, segments: Sequence[Segment]) -> faust.App:
     changes_topic = app.topic(changes_name, **raw)
     profiles_topic = app.topic(profiles_name, **raw)
     dead_topic = app.topic(dead_name, **raw)
+    folded_name = settings.topic(t.FOLDED_EVENTS)
+    folded_topic = app.topic(folded_name, **raw)
     control_topic = app.topic(settings.topic(t.CONTROL), **raw)
     profiles = app.Table("profiles", partitions=settings.partitions, key_type=bytes, value_type=bytes)
     store = PartitionedStore(profiles)
     aliases = PartitionedStore(app.Table("aliases", partitions=settings.partitions, key_type=bytes, value_type=bytes))
     timers = TimerIndex()
     state_lock = asyncio.Lock()
-    writer = ClickHouseWriter(settings.clickhouse_dsn, settings.clickhouse_database)
+    writer = ClickHouseWriter(settings.clickhouse_dsn, settings.clickhouse_database,
+                              events_ttl_days=settings.events_ttl_days)
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="clickhouse")  # chDB: one thread
     partitions = settings.partitions
     metrics = Metrics()
@@ -287,6 +290,7 @@ def create_app(settings: Settings, segments: Sequence[Segment]) -> faust.App:
             self.profiles: dict[bytes, tuple[int, ProfileState | None, int, str]] = {}  # (partition, state, at, op)
             self.aliases: dict[bytes, tuple[int, Alias | None]] = {}
             self.sends: list[Any] = []
+            self.events: dict[bytes, list[dict[str, Any]]] = {}  # folded in this batch, per profile key
             self.partition = -1  # of the message being handled
             self.sent_from: set[int] = set()  # partitions whose messages led to commands
 
@@ -306,6 +310,19 @@ def create_app(settings: Settings, segments: Sequence[Segment]) -> faust.App:
 
         def set_alias(self, key: bytes, partition: int, alias: Alias | None) -> None:
             self.aliases[key] = (partition, alias)
+
+        async def forget(self, key: bytes, partition: int, at: int, op: str) -> None:
+            """The profile under ``key`` is gone (``merge`` or ``erase``): tombstones now, in order
+            after what was sent for it so far in this batch and before anything that follows."""
+            self.set_profile(key, partition, None, at, op)
+            tombstone = [(OP_HEADER, op.encode()), (AT_HEADER, str(at).encode())]
+            self.sends.append(await profiles_topic.send(key=key, value=None, headers=tombstone))
+            if op == "erase":  # subscribers and ClickHouse forget its changes (after its exits) and events
+                folded = self.events.pop(key, None)
+                if folded:
+                    self.sends.append(await folded_topic.send(key=key, value=json.dumps(folded).encode()))
+                self.sends.append(await changes_topic.send(key=key, value=None, headers=tombstone))
+                self.sends.append(await folded_topic.send(key=key, value=None, headers=tombstone))
 
         async def command(self, command: Command, hops: int = 0) -> None:
             self.sent_from.add(self.partition)
@@ -346,14 +363,12 @@ def create_app(settings: Settings, segments: Sequence[Segment]) -> faust.App:
         sends = b.sends
         for key, (partition, alias) in b.aliases.items():
             sends.append(aliases.put(key, partition, alias.encode() if alias is not None else None))
-        for key, (partition, state, evaluated_at, op) in b.profiles.items():
-            if state is None:  # absorbed or erased: the compacted topic forgets it too
+        for key, folded in b.events.items():
+            sends.append(await folded_topic.send(key=key, value=json.dumps(folded, separators=(",", ":")).encode()))
+        for key, (partition, state, evaluated_at, _) in b.profiles.items():
+            if state is None:  # absorbed or erased (its tombstones went out when it happened)
                 timers.put(partition, key, None)
                 sends.append(store.put(key, partition, None))
-                tombstone = [(OP_HEADER, op.encode()), (AT_HEADER, str(evaluated_at).encode())]
-                sends.append(await profiles_topic.send(key=key, value=None, headers=tombstone))
-                if op == "erase":  # subscribers and ClickHouse forget its changes (after its exits)
-                    sends.append(await changes_topic.send(key=key, value=None, headers=tombstone))
                 continue
             # Schedule from the instant this profile was last evaluated, then catch up on what
             # fell due while the rest of the batch moved the clock on.
@@ -373,7 +388,7 @@ def create_app(settings: Settings, segments: Sequence[Segment]) -> faust.App:
         for partition, marker in completed:
             if (partition, marker) in final:
                 forwarded = marker.via("")
-                for target in (changes_topic, profiles_topic):
+                for target in (changes_topic, profiles_topic, folded_topic):
                     await (await target.send(key=b"", value=forwarded.encode(), partition=partition,
                                              headers=forwarded.headers()))
                 continue
@@ -421,6 +436,8 @@ def create_app(settings: Settings, segments: Sequence[Segment]) -> faust.App:
             return
         b.set_profile(key, partition, result.state, now_ms)
         await emit(key, result, b.sends)
+        if settings.store_events:
+            b.events.setdefault(key, []).append(customer_event.to_dict())
         for ident in identifiers_of(customer_event):
             if ident != name and ident not in known:  # a new identifier: it is this customer's now
                 await b.command(Command("link", ident, to=name, at=now_ms, cause=customer_event.event_id))
@@ -440,7 +457,7 @@ def create_app(settings: Settings, segments: Sequence[Segment]) -> faust.App:
             now_ms = evaluation_time(command.at, own)
             released = release(own, now_ms, cause="merge")
             await emit(key, released, b.sends)
-            b.set_profile(key, partition, None, now_ms, "merge")
+            await b.forget(key, partition, now_ms, "merge")
             await b.command(Command("merge", outcome.alias.to, source=command.key, state=own.to_dict(), at=now_ms,
                                     cause=command.cause))
         for follow in outcome.send or ():
@@ -475,7 +492,7 @@ def create_app(settings: Settings, segments: Sequence[Segment]) -> faust.App:
             # still forgets what this key held before (memberships of a profile absorbed earlier)
             b.set_alias(key, partition, Alias("", erased_at=command.at))
             if state is None:
-                b.set_profile(key, partition, None, command.at, "erase")
+                await b.forget(key, partition, command.at, "erase")
 
     async def _erase(b: Batch, key: bytes, partition: int, state: ProfileState | None, identifiers: list[str],
                      now_ms: int, cause: str) -> None:
@@ -485,7 +502,7 @@ def create_app(settings: Settings, segments: Sequence[Segment]) -> faust.App:
         if state is not None:
             linked |= {*alias_keys(state), *state.merged_keys}
             await emit(key, release(state, now_ms, cause="erasure"), b.sends)
-        b.set_profile(key, partition, None, now_ms, "erase")
+        await b.forget(key, partition, now_ms, "erase")
         b.set_alias(key, partition, Alias("", erased_at=now_ms))
         for other in sorted(linked - {name}):
             await b.command(Command("erase", other, at=now_ms, cause=cause))
@@ -596,7 +613,7 @@ def create_app(settings: Settings, segments: Sequence[Segment]) -> faust.App:
 
     sink_markers = Completion()
 
-    @app.agent(app.topic(changes_name, profiles_name, dead_name, **raw))
+    @app.agent(app.topic(changes_name, profiles_name, dead_name, folded_name, **raw))
     async def clickhouse_sink(stream: Any) -> None:
         loop = asyncio.get_running_loop()
         async for batch in stream.take_events(settings.sink_batch_size, settings.sink_batch_seconds):
@@ -619,6 +636,14 @@ def create_app(settings: Settings, segments: Sequence[Segment]) -> faust.App:
                     if pending.deleted(change["customer_id"]):
                         await _retry(loop, pending.flush())
                     pending.changes.append(change)
+                elif message.topic == folded_name:
+                    customer_id = message.key.decode()
+                    if message.value is None:  # an erased customer: its events leave ClickHouse
+                        pending.delete(customer_id, int(headers.get(AT_HEADER, b"0") or 0), EVENT_TABLES)
+                        continue
+                    if pending.deleted(customer_id):
+                        await _retry(loop, pending.flush())
+                    pending.events.extend(event_row(e, customer_id) for e in json.loads(message.value))
                 elif message.topic == profiles_name:
                     if message.value is None:  # a tombstone: the profile was absorbed or erased
                         at = int(headers.get(AT_HEADER, b"0") or 0)
@@ -632,7 +657,7 @@ def create_app(settings: Settings, segments: Sequence[Segment]) -> faust.App:
                     pending.dead.append(_dead_letter_row(message))
             await _retry(loop, pending.flush())
             for topic, partition, marker in markers:
-                expected = marker.partitions * (2 + marker.origins)  # changes, profiles, dead letters
+                expected = marker.partitions * (3 + marker.origins)  # changes, profiles, events, dead letters
                 if sink_markers.add(marker.run_id, "sink", (topic, partition, marker.origin), expected):
                     log.info("run %s: every event processed and flushed", marker.run_id)
                     await (await control_topic.send(key=marker.run_id.encode(), value=marker.encode(),
@@ -647,6 +672,7 @@ def create_app(settings: Settings, segments: Sequence[Segment]) -> faust.App:
             self.changes: list[dict[str, Any]] = []
             self.rows: list[dict[str, Any]] = []
             self.dead: list[dict[str, Any]] = []
+            self.events: list[list[Any]] = []
             self.deletes: dict[tuple[str, ...], dict[str, int]] = {}
 
         def delete(self, customer_id: str, at: int, tables: tuple[str, ...]) -> None:
@@ -657,14 +683,14 @@ def create_app(settings: Settings, segments: Sequence[Segment]) -> faust.App:
             return any(customer_id in keys for keys in self.deletes.values())
 
         def flush(self) -> Any:
-            changes, rows, dead, deletes = self.changes, self.rows, self.dead, self.deletes
-            self.changes, self.rows, self.dead, self.deletes = [], [], [], {}
+            changes, rows, dead, events, deletes = self.changes, self.rows, self.dead, self.events, self.deletes
+            self.changes, self.rows, self.dead, self.events, self.deletes = [], [], [], [], {}
 
             def write() -> int:
-                writer.write(changes=changes, profiles=rows, dead_letters=dead)
+                writer.write(changes=changes, profiles=rows, dead_letters=dead, events=events)
                 for tables, keys in deletes.items():
                     writer.delete_customers(sorted(keys), until_ms=max(keys.values()), tables=tables)
-                return len(changes) + len(rows) + len(dead)
+                return len(changes) + len(rows) + len(dead) + len(events)
             return write
 
     def lookup(customer_id: str) -> ProfileState | None:

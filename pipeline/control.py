@@ -15,7 +15,7 @@ partition was handled:
   partitions has received every command sent before them; when none of them was busy, no
   command is in flight anywhere, and it applies the time-driven transitions up to the
   marker's watermark, writes its state, and forwards the marker to the same partition of
-  ``segment-changes`` and ``profile-updates``;
+  ``segment-changes``, ``profile-updates`` and ``folded-events``;
 - the ClickHouse writer: once every partition of those topics and of ``dead-letters`` brought
   the marker and the batches before it were inserted, it announces the run done on the
   control topic, where the replay waits for it.

@@ -62,6 +62,10 @@ class Settings(BaseSettings):
     batch_seconds: float = Field(0.2, gt=0, description="Longest a worker waits to fill a batch.")
     sink_batch_size: int = Field(10000, ge=1, description="Most rows in one ClickHouse insert.")
     sink_batch_seconds: float = Field(0.5, gt=0, description="Longest the ClickHouse writer waits to fill a batch.")
+    store_events: bool = Field(True, description="Keep the normalized events in ClickHouse table `events` "
+                               "(one extra internal message per changed customer per batch).")
+    events_ttl_days: int = Field(400, ge=1, description="Days the `events` table keeps an event (ClickHouse TTL "
+                                 "on occurred_at; set when the table is created).")
     affinity_half_life_days: float = Field(30.0, gt=0, description="Half-life of category affinity scores.")
     max_message_bytes: int = Field(1_000_000, ge=1, description="Larger input messages are dead-lettered.")
     max_future_skew_seconds: float = Field(

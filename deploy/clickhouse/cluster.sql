@@ -116,6 +116,70 @@ CREATE TABLE IF NOT EXISTS segments.dead_letters ON CLUSTER '{cluster}'
 AS segments.dead_letters_local
 ENGINE = Distributed('{cluster}', 'segments', 'dead_letters_local', cityHash64(source_topic, source_partition, source_offset));
 
+CREATE TABLE IF NOT EXISTS segments.events_local ON CLUSTER '{cluster}' (
+    event_id String,
+    source LowCardinality(String),
+    type LowCardinality(String),
+    customer_id String,
+    occurred_at DateTime64(3, 'UTC'),
+    anonymous_id Nullable(String),
+    email_hash Nullable(String),
+    loyalty_id Nullable(String),
+    session_id Nullable(String),
+    url Nullable(String),
+    product_id Nullable(String),
+    category Nullable(String),
+    search_query Nullable(String),
+    price Nullable(Float64),
+    store_id Nullable(String),
+    channel Nullable(String),
+    total Nullable(Float64),
+    currency Nullable(String),
+    items String,
+    traits Map(String, String),
+    marketing Nullable(Bool),
+    action Nullable(String),
+    campaign_id Nullable(String),
+    ticket_id Nullable(String),
+    topic Nullable(String),
+    sentiment Nullable(Float64),
+    survey_id Nullable(String),
+    survey_source Nullable(String),
+    nps Nullable(Int64),
+    interests Array(String),
+    motivations Array(String),
+    answers Map(String, String)
+) ENGINE = ReplicatedReplacingMergeTree('/clickhouse/tables/{shard}/{database}/{table}', '{replica}')
+PARTITION BY toYYYYMM(occurred_at)
+ORDER BY (customer_id, occurred_at, event_id)
+TTL toDateTime(occurred_at) + INTERVAL 400 DAY;
+
+CREATE TABLE IF NOT EXISTS segments.events ON CLUSTER '{cluster}'
+AS segments.events_local
+ENGINE = Distributed('{cluster}', 'segments', 'events_local', cityHash64(customer_id));
+
+CREATE TABLE IF NOT EXISTS segments.segment_size_history_local ON CLUSTER '{cluster}' (
+    segment_id LowCardinality(String),
+    hour DateTime('UTC'),
+    customer_id String,
+    profile_version UInt64,
+    delta Int8
+) ENGINE = ReplicatedReplacingMergeTree('/clickhouse/tables/{shard}/{database}/{table}', '{replica}')
+PARTITION BY toYYYYMM(hour)
+ORDER BY (segment_id, hour, customer_id, profile_version, delta);
+
+CREATE TABLE IF NOT EXISTS segments.segment_size_history ON CLUSTER '{cluster}'
+AS segments.segment_size_history_local
+ENGINE = Distributed('{cluster}', 'segments', 'segment_size_history_local', cityHash64(customer_id));
+
+-- On every node: each shard's changes feed that shard's history (same sharding key).
+CREATE MATERIALIZED VIEW IF NOT EXISTS segments.segment_size_history_mv ON CLUSTER '{cluster}'
+TO segments.segment_size_history_local AS
+SELECT segment_id, toStartOfHour(changed_at) AS hour, customer_id, profile_version,
+       toInt8(if(change = 'entered', 1, -1)) AS delta
+FROM segments.segment_changes_local;
+
 -- Record the migrations above as applied (a ReplacingMergeTree: re-running this file is harmless).
 INSERT INTO segments.schema_migrations (version, description, applied_at)
-VALUES (1, 'segment changes, membership, profiles, dead letters', now64(3));
+VALUES (1, 'segment changes, membership, profiles, dead letters', now64(3)),
+       (2, 'normalized events; segment size history fed by a materialized view', now64(3));

@@ -13,6 +13,7 @@ log = logging.getLogger(__name__)
 
 INPUTS = ("clickstream", "pos", "crm", "surveys")
 CUSTOMER_EVENTS = "customer-events"  # internal: normalized events keyed by customer
+FOLDED_EVENTS = "folded-events"  # internal: the events each profile folded, per batch, for ClickHouse `events`
 SEGMENT_CHANGES = "segment-changes"
 PROFILE_UPDATES = "profile-updates"
 DEAD_LETTERS = "dead-letters"
@@ -28,7 +29,7 @@ class TopicSpec:
 
 
 def product_topics(settings: Settings) -> list[TopicSpec]:
-    names = [*INPUTS, CUSTOMER_EVENTS, SEGMENT_CHANGES, DEAD_LETTERS, CONTROL]
+    names = [*INPUTS, CUSTOMER_EVENTS, FOLDED_EVENTS, SEGMENT_CHANGES, DEAD_LETTERS, CONTROL]
     specs = [TopicSpec(settings.topic(n)) for n in names]
     specs.append(TopicSpec(settings.topic(PROFILE_UPDATES), compacted=True))
     specs.append(TopicSpec(settings.topic(DEFINITIONS), compacted=True, partitions=1))

@@ -49,8 +49,26 @@ def _profile_columns_ddl() -> str:
     return ",\n    ".join(f"`{name}` {ch_type}" for name, (_, _, ch_type) in PROFILE_COLUMNS.items())
 
 
-def migrations(db: str) -> list[tuple[int, str, list[str]]]:
+# events: the normalized events as folded, under the key of the profile they were folded into
+EVENT_SPEC: list[tuple[str, str]] = [
+    ("event_id", "String"), ("source", "LowCardinality(String)"), ("type", "LowCardinality(String)"),
+    ("customer_id", "String"), ("occurred_at", "DateTime64(3, 'UTC')"),
+    ("anonymous_id", "Nullable(String)"), ("email_hash", "Nullable(String)"), ("loyalty_id", "Nullable(String)"),
+    ("session_id", "Nullable(String)"), ("url", "Nullable(String)"), ("product_id", "Nullable(String)"),
+    ("category", "Nullable(String)"), ("search_query", "Nullable(String)"), ("price", "Nullable(Float64)"),
+    ("store_id", "Nullable(String)"), ("channel", "Nullable(String)"), ("total", "Nullable(Float64)"),
+    ("currency", "Nullable(String)"), ("items", "String"), ("traits", "Map(String, String)"),
+    ("marketing", "Nullable(Bool)"), ("action", "Nullable(String)"), ("campaign_id", "Nullable(String)"),
+    ("ticket_id", "Nullable(String)"), ("topic", "Nullable(String)"), ("sentiment", "Nullable(Float64)"),
+    ("survey_id", "Nullable(String)"), ("survey_source", "Nullable(String)"), ("nps", "Nullable(Int64)"),
+    ("interests", "Array(String)"), ("motivations", "Array(String)"), ("answers", "Map(String, String)"),
+]
+EVENTS_TTL_DAYS = 400
+
+
+def migrations(db: str, *, events_ttl_days: int = EVENTS_TTL_DAYS) -> list[tuple[int, str, list[str]]]:
     """(version, description, statements): applied in order, each once."""
+    event_columns = ",\n    ".join(f"{name} {ch_type}" for name, ch_type in EVENT_SPEC)
     return [
         (1, "segment changes, membership, profiles, dead letters", [
             f"""CREATE TABLE IF NOT EXISTS {db}.segment_changes (
@@ -88,10 +106,31 @@ ORDER BY customer_id""",
 ) ENGINE = ReplacingMergeTree
 ORDER BY (source_topic, source_partition, source_offset)""",
         ]),
+        (2, "normalized events; segment size history fed by a materialized view", [
+            f"""CREATE TABLE IF NOT EXISTS {db}.events (
+    {event_columns}
+) ENGINE = ReplacingMergeTree
+PARTITION BY toYYYYMM(occurred_at)
+ORDER BY (customer_id, occurred_at, event_id)
+TTL toDateTime(occurred_at) + INTERVAL {int(events_ttl_days)} DAY""",
+            f"""CREATE TABLE IF NOT EXISTS {db}.segment_size_history (
+    segment_id LowCardinality(String),
+    hour DateTime('UTC'),
+    customer_id String,
+    profile_version UInt64,
+    delta Int8
+) ENGINE = ReplacingMergeTree
+PARTITION BY toYYYYMM(hour)
+ORDER BY (segment_id, hour, customer_id, profile_version, delta)""",
+            f"""CREATE MATERIALIZED VIEW IF NOT EXISTS {db}.segment_size_history_mv TO {db}.segment_size_history AS
+SELECT segment_id, toStartOfHour(changed_at) AS hour, customer_id, profile_version,
+       toInt8(if(change = 'entered', 1, -1)) AS delta
+FROM {db}.segment_changes""",
+        ]),
     ]
 
 
-def migrate(client: Any, database: str) -> list[int]:
+def migrate(client: Any, database: str, *, events_ttl_days: int = EVENTS_TTL_DAYS) -> list[int]:
     """Apply the migrations not applied yet; return the versions applied now (idempotent)."""
     client.command(f"CREATE DATABASE IF NOT EXISTS {database}")
     client.command(f"""CREATE TABLE IF NOT EXISTS {database}.schema_migrations (
@@ -99,7 +138,7 @@ def migrate(client: Any, database: str) -> list[int]:
 ) ENGINE = ReplacingMergeTree ORDER BY version""")
     done = {row[0] for row in client.query(f"SELECT version FROM {database}.schema_migrations FINAL").result_rows}
     applied = []
-    for version, description, statements in migrations(database):
+    for version, description, statements in migrations(database, events_ttl_days=events_ttl_days):
         if version in done:
             continue
         for statement in statements:
@@ -125,9 +164,33 @@ DEAD_COLUMNS = ["source_topic", "source_partition", "source_offset", "error_clas
 DEAD_TYPES = ["LowCardinality(String)", "Int32", "Int64", "LowCardinality(String)", "String", "String",
               "DateTime64(3, 'UTC')"]
 PROFILE_COLUMN_NAMES = list(PROFILE_COLUMNS)
-TIME_COLUMNS = {"customer_profiles": "updated_at", "segment_changes": "changed_at", "segment_membership": "since"}
+TIME_COLUMNS = {"customer_profiles": "updated_at", "segment_changes": "changed_at", "segment_membership": "since",
+                "segment_size_history": "hour", "events": "occurred_at"}
 PROFILE_TABLES = ("customer_profiles",)
-CHANGE_TABLES = ("segment_changes", "segment_membership")
+CHANGE_TABLES = ("segment_changes", "segment_membership", "segment_size_history")
+EVENT_TABLES = ("events",)
+EVENT_COLUMN_NAMES = [name for name, _ in EVENT_SPEC]
+EVENT_TYPES = [ch_type for _, ch_type in EVENT_SPEC]
+
+
+def event_row(event: dict[str, Any], customer_id: str) -> list[Any]:
+    """An events row from a normalized event (``Event.to_dict()``), under the profile's key."""
+    import json
+
+    row = []
+    for name, ch_type in EVENT_SPEC:
+        if name == "customer_id":
+            value: Any = customer_id
+        elif name == "occurred_at":
+            value = _dt(event["occurred_at"])
+        elif name == "items":
+            value = json.dumps(event.get("items", []), separators=(",", ":"))
+        elif ch_type.startswith(("Map", "Array")):
+            value = event.get(name) or ({} if ch_type.startswith("Map") else [])
+        else:
+            value = event.get(name)
+        row.append(value)
+    return row
 PROFILE_TYPES = [ch_type for _, _, ch_type in PROFILE_COLUMNS.values()]
 
 
@@ -145,16 +208,17 @@ def profile_row(columns: dict[str, Any]) -> list[Any]:
 class ClickHouseWriter:
     """Inserts batches into the product's tables. Call from one thread (an executor)."""
 
-    def __init__(self, dsn: str, database: str) -> None:
+    def __init__(self, dsn: str, database: str, *, events_ttl_days: int = EVENTS_TTL_DAYS) -> None:
         self.dsn = dsn
         self.database = database
+        self.events_ttl_days = events_ttl_days
         self._client: Any = None
 
     @property
     def client(self) -> Any:
         if self._client is None:
             self._client = connect(self.dsn, database=self.database)
-            migrate(self._client, self.database)
+            migrate(self._client, self.database, events_ttl_days=self.events_ttl_days)
         return self._client
 
     def reset(self) -> None:
@@ -176,10 +240,12 @@ class ClickHouseWriter:
                            f"AND {column} <= %(until)s", parameters=params)
 
     def write(self, *, changes: Sequence[dict[str, Any]] = (), profiles: Sequence[dict[str, Any]] = (),
-              dead_letters: Sequence[dict[str, Any]] = ()) -> None:
+              dead_letters: Sequence[dict[str, Any]] = (), events: Sequence[list[Any]] = ()) -> None:
         """Insert one batch; raises on failure so the caller can retry the same batch."""
         client = self.client
         db = self.database
+        if events:
+            client.insert(f"{db}.events", list(events), column_names=EVENT_COLUMN_NAMES, column_type_names=EVENT_TYPES)
         if profiles:
             client.insert(f"{db}.customer_profiles", [profile_row(p) for p in profiles],
                           column_names=PROFILE_COLUMN_NAMES, column_type_names=PROFILE_TYPES)

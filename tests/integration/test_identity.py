@@ -142,3 +142,13 @@ def test_erasure_removes_the_customer_and_later_events_start_afresh(env):
                   "FINAL ORDER BY customer_id, profile_version, segment_id", data, environment)
     assert changes == [{"customer_id": "C1", "segment_id": "visitors", "change": "entered", "cause": "k9"}]
     assert summary["sizes"] == {"visitors": 1}  # the erased rows are gone, not just marked exited
+
+
+def test_events_are_kept_and_erased_with_their_customer(merged, env):
+    _, data, environment = merged
+    keys = {r["customer_id"] for r in sql("SELECT DISTINCT customer_id FROM segments.events", data, environment)}
+    assert {"C1", "anon:A"} <= keys  # each event under the profile it was folded into
+    tmp, _ = env
+    erased = tmp / "erased"
+    assert sql("SELECT customer_id, event_id FROM segments.events FINAL ORDER BY event_id", erased, environment) == [
+        {"customer_id": "C1", "event_id": "k9"}]  # only the event after the erasure

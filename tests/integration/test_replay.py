@@ -92,3 +92,24 @@ def test_replay_applies_time_driven_transitions_at_their_instant(replayed):
     ]
     assert summary["changes"] == {"entered": 6, "exited": 1}
     assert summary["sizes"] == {"buyers": 2, "recent_buyers": 1, "inactive_week": 2}
+
+
+def test_replay_fills_events_and_the_size_history(replayed):
+    summary, data, env = replayed
+
+    def sql(query):
+        run = pipeline("sql", query, "--data-dir", str(data), "--format", "json", env=env)
+        assert run.returncode == 0, run.stderr[-2000:]
+        return json.loads(run.stdout)
+
+    events = sql("SELECT customer_id, event_id, source FROM segments.events FINAL ORDER BY event_id")
+    assert [(e["customer_id"], e["event_id"], e["source"]) for e in events] == [
+        ("c1", "tx-1", "pos"), ("c2", "tx-2", "pos"), ("c3", "v-1", "clickstream")]  # dead letters are not events
+    history = sql("SELECT segment_id, toString(hour) AS hour, sum(delta) AS delta FROM segments.segment_size_history "
+                  "FINAL GROUP BY segment_id, hour ORDER BY segment_id, hour")
+    sizes: dict[str, int] = {}
+    for row in history:  # the running sum of the hourly deltas ends at the live size
+        sizes[row["segment_id"]] = sizes.get(row["segment_id"], 0) + int(row["delta"])
+    assert sizes == summary["sizes"]
+    assert [r["hour"] for r in history if r["segment_id"] == "recent_buyers"] == [
+        "2026-01-01 10:00:00", "2026-01-31 10:00:00", "2026-02-01 10:00:00"]
