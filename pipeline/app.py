@@ -430,7 +430,8 @@ def create_app(settings: Settings, segments: Sequence[Segment]) -> faust.App:
             # Transitions that fell due before this event are time's, at their own instants.
             await emit(key, advance(state, now_ms, definitions.current, config), b.sends)
         known = {*alias_keys(state), *state.merged_keys} if state is not None else set()
-        result = step(state, name, customer_event, now_ms, definitions.current, config)
+        result = step(state, name, customer_event, now_ms, definitions.current, config,
+                      incremental=state is not None and state.definitions == definitions.fingerprint)
         if result.duplicate:
             metrics.duplicate()
             return

@@ -113,6 +113,33 @@ def segments_validate(path: Path = typer.Argument(..., help="YAML file or direct
         out.print(f"ok  {segment.id}: {segment.predicate.sql}", highlight=False)
 
 
+@segments_app.command("apply")
+def segments_apply(path: Path = typer.Argument(..., help="YAML file or directory: the complete new set")) -> None:
+    """Validate, then publish the definitions to the running pipeline (topic segment-definitions):
+    workers re-evaluate every profile without a restart; segments missing from the set are removed.
+
+    Example: PIPELINE_BROKER=kafka://127.0.0.1:9092 pipeline segments apply segments/
+    """
+    from pipeline.broker.topics import DEFINITIONS, ensure_topics, product_topics
+    from pipeline.segments.definitions import load_segments
+    from pipeline.segments.live import publish_definitions
+    from pipeline.settings import load_settings
+
+    with _guard():
+        settings = load_settings()
+        if settings.embedded_broker:
+            raise PipelineError("pipeline segments apply needs PIPELINE_BROKER=kafka://host:port of the running "
+                                "pipeline")
+        segments = load_segments(path)
+        ensure_topics(settings.bootstrap_servers, product_topics(settings), settings.partitions)
+        added, changed, removed = publish_definitions(settings.bootstrap_servers, settings.topic(DEFINITIONS),
+                                                      segments)
+        out.print(f"applied {len(segments)} segments to {settings.topic(DEFINITIONS)}", highlight=False)
+        for label, ids in (("added", added), ("changed", changed), ("removed", removed)):
+            if ids:
+                out.print(f"  {label}: {', '.join(ids)}", highlight=False)
+
+
 @segments_app.command("list")
 def segments_list(data_dir: Path | None = typer.Option(None, "--data-dir", help=DATA_DIR_HELP),
                   segments: Path | None = typer.Option(None, "--segments", help="YAML file or directory "

@@ -12,7 +12,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from pipeline.events import Event
-from pipeline.profile import ProfileState, columns, fold, is_duplicate, new_profile
+from pipeline.profile import ProfileState, columns, fold, is_duplicate, new_profile, touched_columns
 from pipeline.segments.definitions import Segment
 from pipeline.segments.membership import SegmentChange, diff, evaluate
 
@@ -37,14 +37,48 @@ def to_datetime(ms: int) -> datetime:
 
 
 def step(state: ProfileState | None, key: str, event: Event, now_ms: int, segments: Sequence[Segment],
-         config: Config = Config()) -> StepResult:
-    """Fold one event into the customer's state and emit the segment transitions it causes."""
+         config: Config = Config(), *, incremental: bool = True) -> StepResult:
+    """Fold one event into the customer's state and emit the segment transitions it causes.
+
+    ``incremental``: re-evaluate only the segments that read a column the event can change, or
+    require a consent it can change; the others keep their membership. What time alone changes
+    (windows, decay, ``now()``) is the timer index's: call ``advance`` up to ``now_ms`` first, as
+    the worker does, so memberships are exact as of ``now_ms`` before the event. Pass False when
+    the stored memberships may come from another definition set."""
     if state is None:
         state = new_profile(key)
+        incremental = False
     if event.event_id and is_duplicate(state, event.event_id):
         return StepResult(state, duplicate=True)
     fold(state, event, now_ms, half_life_days=config.half_life_days, dedup_window=config.dedup_window)
-    return _reevaluate(state, now_ms, segments, config, cause=event.event_id)
+    only = affected(segments, event) if incremental else None
+    return _reevaluate(state, now_ms, segments, config, cause=event.event_id, only=only)
+
+
+@dataclass(frozen=True)
+class Affected:
+    segments: list[Segment]  # to evaluate
+    ids: frozenset[str]  # their ids
+    defined: frozenset[str]  # every id of the set
+
+
+_affected: dict[tuple[int, str, str], tuple[Sequence[Segment], Affected]] = {}
+
+
+def affected(segments: Sequence[Segment], event: Event) -> Affected:
+    """The segments an event of this kind can change the membership of (cached per set and kind)."""
+    key = (id(segments), event.source, event.type)
+    cached = _affected.get(key)
+    if cached is not None and cached[0] is segments:
+        return cached[1]
+    touched = touched_columns(event)
+    chosen = [s for s in segments
+              if s.predicate.columns & touched or (s.requires_consent is not None and "consent_marketing" in touched)]
+    result = Affected(chosen, frozenset(s.id for s in chosen), frozenset(s.id for s in segments))
+    if len(_affected) > 256:
+        _affected.clear()
+    _affected[key] = (segments, result)  # holding the list keeps its id from being reused
+    return result
 
 
 def reevaluate(state: ProfileState, now_ms: int, segments: Sequence[Segment], config: Config = Config(),
@@ -108,9 +142,13 @@ def release(state: ProfileState, now_ms: int, *, cause: str) -> StepResult:
 
 
 def _reevaluate(state: ProfileState, now_ms: int, segments: Sequence[Segment], config: Config, *,
-                cause: str, bump: bool = False) -> StepResult:
+                cause: str, bump: bool = False, only: Affected | None = None) -> StepResult:
     row = columns(state, now_ms, half_life_days=config.half_life_days)
-    members = evaluate(row, segments, to_datetime(now_ms))
+    if only is None:
+        members = evaluate(row, segments, to_datetime(now_ms))
+    else:
+        members = evaluate(row, only.segments, to_datetime(now_ms))
+        members |= {sid for sid in state.segments if sid not in only.ids and sid in only.defined}
     if bump and members == set(state.segments):
         return StepResult(state)
     if bump:

@@ -281,3 +281,38 @@ def columns(state: ProfileState, now_ms: int, *, half_life_days: float = 30.0) -
         "version": state.version,
         "updated_at": _ms_to_dt(state.updated_at),
     }
+
+
+# Columns that move with the evaluation time alone (windows and decay): always re-evaluated.
+TIME_COLUMNS = frozenset({"orders_30d", "orders_90d", "orders_365d", "spend_30d", "spend_90d", "spend_365d",
+                          "category_affinity", "top_category"})
+_ALWAYS = frozenset({"events_count", "first_seen_at", "last_seen_at", "anonymous_ids", "version", "updated_at",
+                     "segments"})
+_CLICK = frozenset({"sessions_count", "page_views_count", "product_views_count", "cart_adds_count",
+                    "category_affinity", "top_category"})
+_POS = frozenset({"orders_count", "lifetime_value", "avg_order_value", "first_purchase_at", "last_purchase_at",
+                  "preferred_channel", "category_affinity", "top_category"}) | TIME_COLUMNS
+_CRM = {"identify": frozenset({"loyalty_tier"}), "consent": frozenset({"consent_marketing"}),
+        "email": frozenset({"email_opens_count", "email_clicks_count", "unsubscribed"}),
+        "support_ticket": frozenset({"open_tickets_count", "support_sentiment"})}
+_SURVEYS = frozenset({"nps", "nps_at", "survey_interests", "survey_motivations", "surveys_count"})
+
+
+def touched_columns(event: Event) -> frozenset[str]:
+    """The §4.2 columns that folding ``event`` can change (a superset; property-tested against
+    ``columns`` before and after ``fold``). Segments reading none of them need no re-evaluation."""
+    if event.source == "clickstream":
+        return _ALWAYS | _CLICK
+    if event.source == "pos":
+        return _ALWAYS | _POS
+    if event.source == "crm":
+        return _ALWAYS | _CRM.get(event.type, frozenset())
+    if event.source == "surveys":
+        return _ALWAYS | _SURVEYS
+    return frozenset(columns_of_profile())
+
+
+def columns_of_profile() -> tuple[str, ...]:
+    from pipeline.segments.columns import PROFILE_COLUMNS
+
+    return tuple(PROFILE_COLUMNS)

@@ -106,3 +106,72 @@ def test_absorb_is_idempotent_and_moves_memberships():
     assert merged.row is not None and merged.row["lifetime_value"] == 15.0
     again = absorb(merged.state, "c1", anon, "anon:A", T0 + 3000, SEGMENTS)
     assert again.duplicate and again.state.orders_count == 2
+
+
+def _events():
+    from hypothesis import strategies as st
+
+    at = st.integers(T0 - 400 * DAY_MS, T0)
+    ident = st.sampled_from([{"customer_id": "c1"}, {"customer_id": "c1", "anonymous_id": "a1"}])
+    click = st.builds(lambda i, t, kind, cat, sess, who: Event(event_id=f"k{i}", source="clickstream", type=kind,
+                                                               occurred_at=t, category=cat, session_id=sess, **who),
+                      st.integers(), at, st.sampled_from(["page_view", "product_view", "add_to_cart", "search"]),
+                      st.sampled_from(["cookware", "books", None]), st.sampled_from(["s1", "s2", None]), ident)
+    pos = st.builds(lambda i, t, kind, total: Event(event_id=f"p{i}", source="pos", type=kind, occurred_at=t,
+                                                    customer_id="c1", total=total, channel="online",
+                                                    items=[Item("s", "books", 1, total)]),
+                    st.integers(), at, st.sampled_from(["purchase", "refund"]), st.floats(0, 500))
+    crm = st.builds(lambda i, t, kind, flag: Event(event_id=f"c{i}", source="crm", type=kind, occurred_at=t,
+                                                   customer_id="c1", marketing=flag, action="open" if flag else "click",
+                                                   traits={"loyalty_tier": "gold"} if flag else {},
+                                                   ticket_id="t1", sentiment=0.5),
+                    st.integers(), at, st.sampled_from(["identify", "consent", "email", "support_ticket"]),
+                    st.booleans())
+    survey = st.builds(lambda i, t, nps: Event(event_id=f"s{i}", source="surveys", type="survey", occurred_at=t,
+                                               customer_id="c1", survey_id="q", nps=nps, interests=["cooking"]),
+                       st.integers(), at, st.one_of(st.none(), st.integers(0, 10)))
+    return st.lists(st.one_of(click, pos, crm, survey), min_size=1, max_size=25)
+
+
+from hypothesis import given, settings  # noqa: E402
+
+
+@settings(max_examples=200, deadline=None)
+@given(_events())
+def test_touched_columns_cover_every_change(events):
+    from pipeline.profile import TIME_COLUMNS, fold, touched_columns
+
+    state = new_profile("c1")
+    for event in events:
+        before = columns(state, T0, half_life_days=30)
+        fold(state, event, T0)
+        after = columns(state, T0, half_life_days=30)
+        changed = {k for k in after if after[k] != before[k]}
+        assert changed <= touched_columns(event) | TIME_COLUMNS, (event, changed - touched_columns(event))
+
+
+def st_offsets():
+    from hypothesis import strategies as st
+
+    return st.lists(st.integers(0, 40 * DAY_MS), min_size=1, max_size=5)
+
+
+@settings(max_examples=100, deadline=None)
+@given(_events(), st_offsets())
+def test_incremental_evaluation_gives_the_full_memberships(events, offsets):
+    from pipeline.processor import advance, schedule
+
+    full = incremental = None
+    now = T0
+    for event, offset in zip(events, offsets * len(events), strict=False):
+        now += offset  # time passes between events: advance() applies what it changed, as the worker does
+        event = replace(event, occurred_at=now - (T0 - event.occurred_at) % (10 * DAY_MS))  # recent, as live
+        full = step(full.state if full else None, "c1", event, now, SEGMENTS, incremental=False)
+        if full.duplicate:  # the reference: everything evaluated as of now, whatever the event
+            full = reevaluate(full.state, now, SEGMENTS)
+        if incremental is not None:
+            advance(incremental.state, now, SEGMENTS)
+        incremental = step(incremental.state if incremental else None, "c1", event, now, SEGMENTS)
+        schedule(incremental.state, now, SEGMENTS)
+        assert full.state.segments.keys() == incremental.state.segments.keys()
+
