@@ -8,6 +8,7 @@ a ReplacingMergeTree keyed so that a redelivered row is the same row, and querie
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -21,6 +22,7 @@ log = logging.getLogger(__name__)
 
 _clients: dict[str, Any] = {}
 _clients_lock = threading.Lock()
+UNAVAILABLE_SUFFIX = ".unavailable"  # test hook, see ClickHouseWriter._check_available
 
 
 def connect(dsn: str, *, database: str | None = None) -> Any:
@@ -221,6 +223,15 @@ class ClickHouseWriter:
             migrate(self._client, self.database, events_ttl_days=self.events_ttl_days)
         return self._client
 
+    def _check_available(self) -> None:
+        """Fault-injection hook for the tests (docs/reliability.md): with an embedded ``chdb://``
+        DSN, while a file named ``<chDB data path>.unavailable`` exists (``DATA_DIR/clickhouse.unavailable``
+        by default), every write fails as if ClickHouse were unreachable."""
+        if self.dsn.startswith("chdb://"):
+            flag = self.dsn[len("chdb://"):] + UNAVAILABLE_SUFFIX
+            if os.path.exists(flag):
+                raise SinkError(f"ClickHouse unavailable (fault injected while {flag} exists)")
+
     def reset(self) -> None:
         """Forget the connection after a failure (the next write reconnects)."""
         if not self.dsn.startswith("chdb://"):
@@ -232,6 +243,7 @@ class ClickHouseWriter:
         customer, DESIGN §4.1). Lightweight deletes: idempotent under redelivery."""
         if not keys:
             return
+        self._check_available()
         client = self.client
         params = {"keys": list(keys), "until": _dt(until_ms)}
         for table in tables:
@@ -242,6 +254,7 @@ class ClickHouseWriter:
     def write(self, *, changes: Sequence[dict[str, Any]] = (), profiles: Sequence[dict[str, Any]] = (),
               dead_letters: Sequence[dict[str, Any]] = (), events: Sequence[list[Any]] = ()) -> None:
         """Insert one batch; raises on failure so the caller can retry the same batch."""
+        self._check_available()
         client = self.client
         db = self.database
         if events:

@@ -1,0 +1,134 @@
+"""Crash test (issue 8 item 1): a steady stream into a worker (RocksDB store, the service
+default; event clock), SIGKILLed at random moments while it consumes, at least 5 times, and
+restarted each time with the same settings and data dir. At the end the memberships in
+ClickHouse and the last state per (customer, segment) on segment-changes equal those of an
+uninterrupted run of the same input by the pure core; every event was counted exactly once in
+its customer's profile; redelivered changes are recognizable (same profile_version and change)
+and collapse in ClickHouse FINAL results."""
+
+import threading
+import time
+from collections import Counter
+from datetime import UTC, datetime
+from random import Random
+
+import pytest
+
+from tests.integration.faults import (
+    SEGMENTS,
+    Feeder,
+    Worker,
+    changes_of,
+    count_records,
+    expected,
+    faulty_traffic,
+    last_states,
+    membership,
+    read_topic,
+    repeated_states,
+    segments_of,
+    sql,
+    wait_done,
+)
+
+SEED = 20261125
+KILLS = 6
+START = int(datetime(2025, 1, 1, tzinfo=UTC).timestamp() * 1000)
+
+
+def _steadily(feeder: Feeder, messages: list, chunks: list) -> None:
+    for chunk in chunks:
+        feeder.send((i, messages[i]) for i in chunk)
+        feeder.producer.flush()
+        time.sleep(0.2)
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "open defects (docs/reliability.md): (1) a SIGKILLed worker with the RocksDB store fails to restart with "
+    "faust ConsistencyError 'persisted offset ... is higher than ... highwater' because the embedded broker "
+    "under-reports highwaters; (2) with that fixed, a transition can still be lost across a SIGKILL: the profile "
+    "is written to RocksDB before its segment changes are delivered"))
+def test_sigkill_mid_stream_loses_and_doubles_nothing(broker, unique, tmp_path):
+    messages = faulty_traffic(events=3000, customers=300, seed=SEED, start_ms=START, step_ms=3 * 3_600_000)
+    truth = expected(messages, segments_of(SEGMENTS))
+    assert truth.duplicates >= 90 and truth.changes > 3000  # the input exercises what it should
+    rng = Random(SEED)
+
+    with Worker(broker, tmp_path, unique, store="rocksdb://") as worker:
+        feeder = Feeder(worker)
+        phases = [range(len(messages) * k // (KILLS + 1), len(messages) * (k + 1) // (KILLS + 1))
+                  for k in range(KILLS + 1)]
+        moments = []
+        for phase, indexes in enumerate(phases):
+            # A steady stream: the phase's first chunk, then (once the (re)started worker is seen
+            # writing changes) the rest in chunks every 0.2 s, and SIGKILL at a random moment of it.
+            before = count_records(worker, "segment-changes")
+            chunks = [indexes[i:i + 25] for i in range(0, len(indexes), 25)]
+            feeder.send((i, messages[i]) for i in chunks[0])
+            feeder.producer.flush()
+            deadline = time.monotonic() + 120
+            while count_records(worker, "segment-changes") == before and time.monotonic() < deadline:
+                assert worker.alive, worker.log()
+                time.sleep(0.2)
+            producer = threading.Thread(target=_steadily, args=(feeder, messages, chunks[1:]), daemon=True)
+            producer.start()
+            if phase == KILLS:
+                break
+            time.sleep(rng.uniform(0.2, 0.2 * len(chunks)))
+            moments.append(len(feeder._futures))
+            worker.kill()
+            producer.join(timeout=60)
+            time.sleep(rng.uniform(0.0, 1.0))
+            worker.start()
+        producer.join(timeout=60)
+        feeder.flush()
+        run_id = feeder.send_markers(truth.watermark)
+        feeder.close()
+        wait_done(worker, run_id)
+        on_topic = changes_of(read_topic(worker, "segment-changes", run_id, markers=worker.partitions))
+        worker.stop()
+        log = worker.log(20000)
+
+    print(f"SIGKILLed {worker.kills} times, after {moments} of {len(messages)} messages were produced; "
+          f"{len(on_topic)} changes on the topic (uninterrupted run: {truth.changes})")
+    assert worker.kills >= 5
+    members, ch_changes = membership(worker)
+
+    # (a) ClickHouse memberships equal the uninterrupted run's.
+    assert members - truth.members == set() and truth.members - members == set(), (
+        sorted(members - truth.members)[:20], sorted(truth.members - members)[:20], log)
+
+    # Every good event counted exactly once in its customer's profile: nothing lost, nothing doubled.
+    profiles = sql(worker, "SELECT customer_id, events_count, version FROM segments.customer_profiles FINAL")
+    counts = {r["customer_id"]: r["events_count"] for r in profiles}
+    want = {key: state.events_count for key, state in truth.states.items()}
+    differing = {c: (counts.get(c), want.get(c)) for c in {*counts, *want} if counts.get(c) != want.get(c)}
+    assert not differing, (sorted(differing.items())[:20], log)
+
+    # No time-driven transition lost: a profile's version goes up by one per event folded and
+    # per time-driven re-evaluation that changed a membership, so each customer's final version
+    # is its events plus its distinct versions of cause `time` on the topic.
+    timed: dict[str, set[int]] = {}
+    for change in on_topic:
+        if change["cause"] == "time":
+            timed.setdefault(change["customer_id"], set()).add(change["profile_version"])
+    gaps = {r["customer_id"]: (r["version"], r["events_count"], len(timed.get(r["customer_id"], ())))
+            for r in profiles if r["version"] != r["events_count"] + len(timed.get(r["customer_id"], ()))}
+    assert not gaps, sorted(gaps.items())[:20]
+
+    # (b) The last change per (customer, segment) on segment-changes is the uninterrupted run's.
+    last = last_states(on_topic)
+    on_topic_members = {pair for pair, change in last.items() if change == "entered"}
+    assert on_topic_members == truth.members, (
+        sorted(on_topic_members ^ truth.members)[:20], log)
+
+    # (c) Per (customer, segment), once exact redeliveries are dropped, no state twice in a row.
+    repeated, redelivered = repeated_states(on_topic)
+    assert not repeated, repeated[:10]
+    print(f"{redelivered} redelivered changes on the topic (same profile_version and change)")
+
+    # (d) ClickHouse FINAL holds every distinct change of the topic exactly once.
+    rows = Counter((r["customer_id"], r["segment_id"], r["profile_version"], r["change"]) for r in ch_changes)
+    assert [k for k, n in rows.items() if n > 1] == []
+    distinct = {(c["customer_id"], c["segment_id"], c["profile_version"], c["change"]) for c in on_topic}
+    assert set(rows) == distinct, (sorted(set(rows) ^ distinct)[:20])
