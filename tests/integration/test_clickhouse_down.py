@@ -16,8 +16,6 @@ import urllib.request
 from collections import Counter
 from datetime import UTC, datetime
 
-import pytest
-
 from tests.integration.faults import (
     SEGMENTS,
     Feeder,
@@ -50,10 +48,6 @@ def _sizes(worker: Worker) -> dict[str, int | None]:
             time.sleep(0.5)  # the API is not listening yet
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "open defect (docs/reliability.md): a batch holding two events of a customer with a time-driven transition "
-    "due between them skips it (incremental step with next_check_at scheduled only at the end of the batch); "
-    "the membership then sticks, e.g. recent_buyers with orders_30d = 0"))
 def test_clickhouse_down_for_30_s_loses_and_doubles_nothing(broker, unique, tmp_path):
     messages = faulty_traffic(events=2400, customers=250, seed=8, start_ms=START, step_ms=4 * 3_600_000)
     truth = expected(messages, segments_of(SEGMENTS))

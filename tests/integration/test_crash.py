@@ -12,8 +12,6 @@ from collections import Counter
 from datetime import UTC, datetime
 from random import Random
 
-import pytest
-
 from tests.integration.faults import (
     SEGMENTS,
     Feeder,
@@ -43,11 +41,6 @@ def _steadily(feeder: Feeder, messages: list, chunks: list) -> None:
         time.sleep(0.2)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "open defects (docs/reliability.md): (1) a SIGKILLed worker with the RocksDB store fails to restart with "
-    "faust ConsistencyError 'persisted offset ... is higher than ... highwater' because the embedded broker "
-    "under-reports highwaters; (2) with that fixed, a transition can still be lost across a SIGKILL: the profile "
-    "is written to RocksDB before its segment changes are delivered"))
 def test_sigkill_mid_stream_loses_and_doubles_nothing(broker, unique, tmp_path):
     messages = faulty_traffic(events=3000, customers=300, seed=SEED, start_ms=START, step_ms=3 * 3_600_000)
     truth = expected(messages, segments_of(SEGMENTS))
