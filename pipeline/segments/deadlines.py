@@ -35,6 +35,17 @@ instant where membership differs is the answer. Top-level AND terms that read no
 input are evaluated first: when one is false or NULL the segment can never hold, whatever time
 does (most profiles stop there).
 
+Cost (the worker asks once per changed profile per batch). One call shares its per-instant work
+across segments (windows, the affinity map and top_category at an instant, the next top_category
+change from an instant), searches the segments cheapest first (windows only, then ``now()``, then
+affinities, then top_category), and searches each only up to the earliest answer found so far:
+anything later cannot be the result, so a bounded search that finds nothing there answers "not
+before" instead. Searches on a decaying affinity start from the closed-form instant (the inverse
+of ``1 - 2^(-raw * 2^(-(t - as_of)/half_life) / SCALE)`` at the rounding boundary; for
+top_category, at the level the other category is at, and where the unrounded gap falls to
+``TOP_GAP``), gallop from it and bisect: the guess only saves evaluations, the real rounded
+function decides, so the instants are exactly those a plain bisection finds (property-tested).
+
 Swept (``now_ms + sweep_ms``, re-asked at every sweep), for the whole segment, when a continuous
 input (``now()`` or ``category_affinity``) appears inside a construct the sign analysis cannot
 prove monotone: ``%``, ``abs``, ``*`` or ``/`` by anything but a numeric literal (or a literal
@@ -119,6 +130,8 @@ class _Probe:
     reads_aff: bool
 
     reads_now: bool
+    threshold: tuple[str, float] | None = None  # ``category_affinity['k'] OP c``: the key, and the unrounded
+    # affinity at which the rounded one crosses c (where the flip is: a guess, always verified)
 
     def value(self, row: dict[str, Any], ctx: _Context, t: int) -> bool | None:
         """Its truth at ``t``; None for NULL (which only the held inputs decide)."""
@@ -263,7 +276,51 @@ def _probe(node: exp.Expression, direction: int | None) -> _Probe | None:
     reads_aff = any(_is_affinity(n) for n in node.walk())
     reads_now = any(_is_now(n) for n in node.walk())
     return _Probe(compile_expression(node), direction, None if keys is None else frozenset(keys), reads_aff,
-                  reads_now)
+                  reads_now, _threshold(node))
+
+
+def _unparen(node: Any) -> Any:
+    while isinstance(node, exp.Paren):
+        node = node.this
+    return node
+
+
+def _literal_value(node: Any) -> float | None:
+    node = _unparen(node)
+    sign = 1.0
+    if isinstance(node, exp.Neg):
+        sign, node = -1.0, _unparen(node.this)
+    if isinstance(node, exp.Literal) and not node.is_string:
+        return sign * float(node.this)
+    return None
+
+
+def _affinity_key(node: Any) -> str | None:
+    node = _unparen(node)
+    if isinstance(node, exp.Bracket) and _is_affinity(node.this) and len(node.expressions) == 1:
+        key = node.expressions[0]
+        if isinstance(key, exp.Literal) and key.is_string:
+            return str(key.this)
+    return None
+
+
+_MIRROR: dict[type, type] = {exp.GT: exp.LT, exp.GTE: exp.LTE, exp.LT: exp.GT, exp.LTE: exp.GTE}
+HALF_STEP = 5e-7  # half of the 6-decimal rounding step
+
+
+def _threshold(node: exp.Expression) -> tuple[str, float] | None:
+    """For ``category_affinity['k'] OP c`` (either side): the key and the unrounded affinity at which
+    the comparison of the rounded one flips (``>= c`` and ``< c`` flip when it falls below c - 5e-7,
+    ``> c`` and ``<= c`` below c + 5e-7). Only a starting point for the search, never trusted."""
+    op, left, right = type(node), node.this, node.expression
+    if op not in _MIRROR:
+        return None
+    if _affinity_key(left) is None:
+        op, left, right = _MIRROR[op], right, left
+    key, value = _affinity_key(left), _literal_value(right)
+    if key is None or value is None:
+        return None
+    return key, value - HALF_STEP if op in (exp.GTE, exp.LT) else value + HALF_STEP
 
 
 def _probes(node: exp.Expression, out: list[_Probe]) -> None:
@@ -349,28 +406,39 @@ def sweep_reason(segment: Segment) -> str | None:
 
 
 class _Context:
-    """One call's view of the profile: columns at now, and the moving ones at any instant."""
+    """One call's view of the profile: columns at now, and the moving ones at any instant. What it
+    computes per instant (windows, the affinity map and top_category, the next top_category change)
+    is kept for the call, so every segment reuses it."""
 
     def __init__(self, state: ProfileState, now_ms: int, half_life_days: float, row: Mapping[str, Any]) -> None:
         self.state = state
         self.now_ms = now_ms
+        self.now_dt = _to_dt(now_ms)
         self.half_life_ms = half_life_days * DAY_MS
-        self.base = dict(row)
+        self.base = row if isinstance(row, dict) else dict(row)
         self.work = dict(row)  # reused for every instant: only the moving columns are rewritten
         orders = state.orders
         self.times = [o[0] for o in orders]
         self.sorted = all(a <= b for a, b in zip(self.times, self.times[1:], strict=False))
         self._breakpoints: dict[tuple[int, ...], list[int]] = {}
+        self._windows: dict[tuple[int, int], tuple[int, float]] = {}
+        self._affinity: dict[int, tuple[dict[str, float], str | None]] = {}
+        self._top: dict[int, tuple[int | None, int | None]] = {}  # t0 -> (answer, bound it was searched to)
+        self._settled: int | None = None
 
     # windows (exactly as profile.columns computes them)
     def window(self, t: int, days: int) -> tuple[int, float]:
+        found = self._windows.get((t, days))
+        if found is not None:
+            return found
         orders = self.state.orders
         start = t - days * DAY_MS
         if self.sorted:
             inside = orders[bisect_right(self.times, start):bisect_right(self.times, t)]
         else:
             inside = [o for o in orders if start < o[0] <= t]
-        return sum(int(o[2]) for o in inside), round(sum(o[1] for o in inside), 2)
+        found = self._windows[(t, days)] = (sum(int(o[2]) for o in inside), round(sum(o[1] for o in inside), 2))
+        return found
 
     def breakpoints(self, windows: tuple[int, ...]) -> list[int]:
         """Instants after now at which a window of ``windows`` gains or loses an order."""
@@ -395,8 +463,33 @@ class _Context:
         return round(1.0 - math.pow(2.0, -decayed / AFFINITY_SCALE), 6)
 
     def affinity_at(self, t: int, keys: frozenset[str] | None = None) -> dict[str, float]:
-        categories = self.state.affinity if keys is None else [k for k in keys if k in self.state.affinity]
+        if keys is None:
+            return self.affinity_top(t)[0]
+        categories = [k for k in keys if k in self.state.affinity]
         return {category: self.score(category, t) for category in categories}
+
+    def affinity_top(self, t: int) -> tuple[dict[str, float], str | None]:
+        """The whole affinity map at ``t`` and its top_category (as profile.columns: ties to the first name)."""
+        found = self._affinity.get(t)
+        if found is None:
+            affinity = {category: self.score(category, t) for category in self.state.affinity}
+            top = max(sorted(affinity), key=lambda c: affinity[c]) if affinity else None
+            found = self._affinity[t] = (affinity, top)
+        return found
+
+    def falls_to(self, category: str, level: float) -> int | None:
+        """About when the category's unrounded affinity falls to ``level`` (closed form; None: never).
+        A starting point for a search, never trusted on its own."""
+        if level <= 0.0:
+            return None
+        raw, as_of = self.state.affinity[category]
+        if level >= 1.0:
+            return int(as_of)
+        decayed = -AFFINITY_SCALE * math.log2(1.0 - level)  # the decayed raw weight at which affinity is level
+        if raw <= decayed:
+            return int(as_of)
+        at = as_of + self.half_life_ms * math.log2(raw / decayed)
+        return int(at) if math.isfinite(at) else None
 
     def settled_at(self, category: str) -> int:
         """An instant from which the category's affinity is 0.0 for good."""
@@ -405,7 +498,9 @@ class _Context:
         return math.ceil(as_of + extra) + 1
 
     def all_settled_at(self) -> int:
-        return max((self.settled_at(c) for c in self.state.affinity), default=self.now_ms)
+        if self._settled is None:
+            self._settled = max((self.settled_at(c) for c in self.state.affinity), default=self.now_ms)
+        return self._settled
 
     def settled_keys_at(self, keys: frozenset[str] | None) -> int:
         """From then on, the affinities of ``keys`` (None: all) no longer change."""
@@ -419,30 +514,38 @@ class _Context:
         for days in plan.windows:
             row[f"orders_{days}d"], row[f"spend_{days}d"] = self.window(t, days)
         if plan.reads_aff or plan.reads_top:
-            affinity = self.affinity_at(t)
-            row[AFFINITY] = affinity
-            row[TOP] = max(sorted(affinity), key=lambda c: affinity[c]) if affinity else None
+            row[AFFINITY], row[TOP] = self.affinity_top(t)
         return row
 
     # top_category
-    def next_top_change(self, t0: int) -> int | None:
+    def next_top_change(self, t0: int, bound: int | None = None) -> int | None:
         """An instant > t0 before which top_category cannot change (exact unless a cap stops the
-        search); None when it never changes again."""
+        search); None when it never changes again. With ``bound``, an answer later than ``bound``
+        only says "not up to bound" (sound, not exact): the search stops there."""
         if len(self.state.affinity) < 2:
             return None
-        affinity = self.affinity_at(t0)
-        top = max(sorted(affinity), key=lambda c: affinity[c])
+        cached = self._top.get(t0)
+        if cached is not None:
+            answer, searched = cached
+            if searched is None or (answer is not None and answer <= searched) or (
+                    bound is not None and bound <= searched):
+                return answer
+        top = self.affinity_top(t0)[1]
         best: int | None = None
         for other in self.state.affinity:
             if other != top:
-                beat = self._first_beat(top, other, t0)
+                assert top is not None
+                beat = self._first_beat(top, other, t0, bound if best is None else
+                                        best - 1 if bound is None else min(bound, best - 1))
                 if beat is not None and (best is None or beat < best):
                     best = beat
+        self._top[t0] = (best, None if best is None else bound)
         return best
 
-    def _first_beat(self, top: str, other: str, t0: int) -> int | None:
+    def _first_beat(self, top: str, other: str, t0: int, bound: int | None = None) -> int | None:
         """The first instant > t0 at which ``other`` ranks above ``top`` (columns' tie-break: equal
-        rounded scores go to the name first in sorted order), or the instant a capped search reached."""
+        rounded scores go to the name first in sorted order), or the instant a capped search reached;
+        an instant > ``bound`` only says "not up to bound"."""
         wins_ties = other < top
 
         def beats(t: int) -> bool:
@@ -451,16 +554,21 @@ class _Context:
 
         t = t0
         end = self.settled_at(top)
+        stop = end if bound is None else min(end, bound + 1)
         for _ in range(TOP_CAP):
             if t > t0 and beats(t):
                 return t
+            if t >= stop and stop < end:
+                return t  # nothing up to bound
             level = self.score(other, t)  # ``other`` never rises: ``top`` must first come down to it
             if level == 0.0 and not wins_ties:
                 return None
-            reached = _first_true(self._down_to(top, level, inclusive=wins_ties), t, end)
+            down = self._down_to(top, level, inclusive=wins_ties)
+            guess = self.falls_to(top, level + HALF_STEP if wins_ties else level - HALF_STEP)
+            reached = _first_true_near(down, t, stop, guess)
             if reached is None:
-                return None
-            t = max(reached, self._gap_closes(top, other, t, end))
+                return None if stop == end else stop
+            t = max(reached, self._gap_closes(top, other, t, stop))
         return t
 
     def _down_to(self, category: str, level: float, *, inclusive: bool) -> Callable[[int], bool]:
@@ -492,14 +600,61 @@ class _Context:
                 start = t + math.ceil(hl * math.log2(1.0 / peak))
         if start >= end:
             return end
-        found = _first_true(lambda s: gap(s) <= TOP_GAP, start, end)
+        found = _first_true_near(lambda s: gap(s) <= TOP_GAP, start, end, _gap_guess(a, b, t, hl))
         return end if found is None else found
+
+
+def _gap_guess(a: float, b: float, t: int, hl: float) -> int | None:
+    """About when 2^-(a q) - 2^-(b q) (q = 2^-(s - t)/hl, the common decay from t) falls to TOP_GAP
+    past its peak: Newton's method from below on the concave rise from q = 0. A guess only."""
+    if not 0.0 <= a < b:
+        return None
+    ln2 = math.log(2.0)
+    q = TOP_GAP / (ln2 * (b - a))
+    for _ in range(6):
+        value = math.pow(2.0, -a * q) - math.pow(2.0, -b * q) - TOP_GAP
+        slope = ln2 * (b * math.pow(2.0, -b * q) - a * math.pow(2.0, -a * q))
+        if slope <= 0.0 or abs(value) < 1e-12:
+            break
+        q -= value / slope
+    if not 0.0 < q < 1.0:
+        return None
+    return t + int(hl * math.log2(1.0 / q))
 
 
 def _first_true(pred: Callable[[int], bool], lo: int, hi: int) -> int | None:
     """The least t in (lo, hi] with pred(t), for pred monotone (False then True); None if pred(hi) fails."""
     if hi <= lo or not pred(hi):
         return None
+    return _bisect(pred, lo, hi)
+
+
+def _first_true_near(pred: Callable[[int], bool], lo: int, hi: int, guess: int | None) -> int | None:
+    """As _first_true, starting from ``guess`` (a closed form's answer, possibly off by a little or a
+    lot): probe it, gallop away from it by doubling steps until the flip is bracketed, then bisect.
+    The answer is the same as _first_true's (only pred decides); a good guess costs a few calls."""
+    if hi <= lo or not pred(hi):
+        return None
+    if guess is None:
+        return _bisect(pred, lo, hi)
+    at = min(max(guess, lo + 1), hi)
+    step = 1
+    if pred(at):
+        hi = at
+        while hi - step > lo:
+            if not pred(hi - step):
+                lo = hi - step
+                break
+            hi -= step
+            step *= 2
+    else:
+        lo = at
+        while lo + step < hi:
+            if pred(lo + step):
+                hi = lo + step
+                break
+            lo += step
+            step *= 2
     return _bisect(pred, lo, hi)
 
 
@@ -523,7 +678,15 @@ def _scaled(pred: Callable[[int], bool], step: int) -> Callable[[int], bool]:
 def _first_true_aligned(pred: Callable[[int], bool], lo: int, hi: int) -> int:
     """As _first_true with pred(lo) false and pred(hi) true known, searching UTC day, hour and second
     boundaries first: a flip driven by now() (whole seconds, as ClickHouse's DateTime) through
-    dateDiff or INTERVAL usually sits on one, and is then found in a dozen evaluations, not forty."""
+    dateDiff or INTERVAL usually sits on one, and is then found in a dozen evaluations, not forty.
+    Days from lo are galloped first (1, 2, 4, ...): a flip in the next few days costs a few evaluations."""
+    days = 1
+    while lo + days * DAY_MS < hi:
+        if pred(lo + days * DAY_MS):
+            hi = lo + days * DAY_MS
+            break
+        lo += days * DAY_MS
+        days *= 2
     for step in _GRIDS:
         first, last = lo // step + 1, (hi - 1) // step  # grid points strictly inside (lo, hi)
         if first <= last:
@@ -546,8 +709,11 @@ def _changed(probe: _Probe, row: dict[str, Any], ctx: _Context, first: bool) -> 
 # --- the walk --------------------------------------------------------------------------------------
 
 
-def _segment_deadline(segment: Segment, plan: _Plan, ctx: _Context, sweep_ms: int) -> int | None:
-    now_ms, base, now_dt = ctx.now_ms, ctx.base, _to_dt(ctx.now_ms)
+def _segment_deadline(segment: Segment, plan: _Plan, ctx: _Context, sweep_ms: int,
+                      limit: int | None = None) -> int | None:
+    """The segment's next change (as next_check_at). With ``limit``, only an answer before it counts:
+    None then also means "not before limit", and the searches stop there."""
+    now_ms, base, now_dt = ctx.now_ms, ctx.base, ctx.now_dt
     if segment.requires_consent == "marketing" and base.get("consent_marketing") is not True:
         return None  # consent is not time-dependent
     for term in plan.static_terms:
@@ -563,7 +729,13 @@ def _segment_deadline(segment: Segment, plan: _Plan, ctx: _Context, sweep_ms: in
     def member(t: int) -> bool:
         return predicate(ctx.row_at(t, plan), _to_dt(t))
 
-    was = member(now_ms)
+    was_now: list[bool] = []  # membership at now, computed when first needed
+
+    def was() -> bool:
+        if not was_now:
+            was_now.append(member(now_ms))
+        return was_now[0]
+
     points = ctx.breakpoints(plan.windows) if plan.windows else []
     if plan.reads_now:
         end = now_ms + HORIZON_MS
@@ -572,12 +744,16 @@ def _segment_deadline(segment: Segment, plan: _Plan, ctx: _Context, sweep_ms: in
     else:
         end = now_ms
     index = bisect_right(points, now_ms)
-    top_next = ctx.next_top_change(now_ms) if plan.reads_top else None
+    bound = None if limit is None else limit - 1  # the last instant that matters
+    top_next = ctx.next_top_change(now_ms, bound) if plan.reads_top else None
     lo = now_ms
     for _ in range(MAX_PIECES):
         candidates = [p for p in (points[index] if index < len(points) else None, top_next) if p is not None]
         nxt = min(candidates) if candidates else None
         hi = nxt - 1 if nxt is not None else max(end, lo)
+        done = False
+        if bound is not None and hi >= bound:  # nothing after bound matters
+            hi, done = bound, True
         unbounded = False
         if plan.probes and hi > lo:
             row = ctx.row_at(lo, plan)
@@ -588,23 +764,55 @@ def _segment_deadline(segment: Segment, plan: _Plan, ctx: _Context, sweep_ms: in
                 top = hi if probe.reads_now or not probe.reads_aff else min(hi, ctx.settled_keys_at(probe.aff_keys))
                 if top > lo and probe.holds(row, ctx, top) != first:
                     changed = _changed(probe, row, ctx, first)
-                    search = _bisect if probe.reads_aff else _first_true_aligned
-                    flips.add(search(changed, lo, top))
+                    if probe.threshold is not None and not probe.reads_now:
+                        guess = ctx.falls_to(*probe.threshold) if probe.threshold[0] in ctx.state.affinity else None
+                        flip = _first_true_near(changed, lo, top, guess)
+                        assert flip is not None  # changed(top) holds
+                    elif probe.reads_aff:
+                        flip = _bisect(changed, lo, top)
+                    else:
+                        flip = _first_true_aligned(changed, lo, top)
+                    flips.add(flip)
                 elif nxt is None and plan.reads_now and value is not None and first != (probe.direction > 0):
                     unbounded = True  # not at its final value, but no flip within the horizon
             for flip in sorted(flips):
-                if member(flip) != was:
+                if member(flip) != was():
                     return flip
+        if done:
+            return None
         if nxt is None:
             return hi if unbounded else None
-        if member(nxt) != was:
+        if member(nxt) != was():
             return nxt
         lo = nxt
         while index < len(points) and points[index] <= lo:
             index += 1
         if top_next is not None and top_next <= lo:
-            top_next = ctx.next_top_change(lo)
+            top_next = ctx.next_top_change(lo, bound)
     return lo  # cap reached: nothing changes before lo
+
+
+_ORDER: dict[int, tuple[Sequence[Segment], list[tuple[Segment, _Plan]]]] = {}
+
+
+def _cost(plan: _Plan) -> tuple[int, int]:
+    """Cheapest first: windows only, then now(), then decaying affinities, then top_category."""
+    return (2 if plan.reads_top else 1 if plan.reads_aff else 0, len(plan.probes))
+
+
+def _ordered(segments: Sequence[Segment]) -> list[tuple[Segment, _Plan]]:
+    """The segments that read a time-dependent input, with their plans, cheapest first (cached per list:
+    the worker passes the same one every time)."""
+    cached = _ORDER.get(id(segments))
+    if cached is not None and cached[0] is segments:
+        return cached[1]
+    plans = [(segment, plan_of(segment.predicate)) for segment in segments]
+    chosen = sorted(((s, p) for s, p in plans if not p.static), key=lambda sp: _cost(sp[1]))
+    if isinstance(segments, list | tuple):  # immutable enough to cache by identity; holding it keeps its id
+        if len(_ORDER) > 64:
+            _ORDER.clear()
+        _ORDER[id(segments)] = (segments, chosen)
+    return chosen
 
 
 def next_check_at(state: ProfileState, segments: Sequence[Segment], now_ms: int, *, half_life_days: float,
@@ -614,9 +822,11 @@ def next_check_at(state: ProfileState, segments: Sequence[Segment], now_ms: int,
 
     Membership is constant on [now_ms, result). ``row`` may pass ``columns(state, now_ms,
     half_life_days=...)`` when the caller already has it (saves one computation).
+
+    Segments are searched cheapest first, each only up to the earliest answer found so far (a later
+    one cannot be the result), sharing what one instant costs (``_Context``).
     """
-    plans = [(segment, plan_of(segment.predicate)) for segment in segments]
-    plans = [(segment, plan) for segment, plan in plans if not plan.static]
+    plans = _ordered(segments)
     if not plans:
         return None
     if row is None:
@@ -624,7 +834,9 @@ def next_check_at(state: ProfileState, segments: Sequence[Segment], now_ms: int,
     ctx = _Context(state, now_ms, half_life_days, row)
     best: int | None = None
     for segment, plan in plans:
-        due = _segment_deadline(segment, plan, ctx, sweep_ms)
+        due = _segment_deadline(segment, plan, ctx, sweep_ms, best)
         if due is not None and (best is None or due < best):
             best = due
+            if best <= now_ms + 1:
+                break  # nothing can come earlier
     return best
