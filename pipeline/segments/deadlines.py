@@ -792,7 +792,7 @@ def _segment_deadline(segment: Segment, plan: _Plan, ctx: _Context, sweep_ms: in
     return lo  # cap reached: nothing changes before lo
 
 
-_ORDER: dict[int, tuple[Sequence[Segment], list[tuple[Segment, _Plan]]]] = {}
+_ORDER: dict[int, tuple[tuple[Segment, ...], list[tuple[Segment, _Plan]]]] = {}
 
 
 def _cost(plan: _Plan) -> tuple[int, int]:
@@ -801,17 +801,18 @@ def _cost(plan: _Plan) -> tuple[int, int]:
 
 
 def _ordered(segments: Sequence[Segment]) -> list[tuple[Segment, _Plan]]:
-    """The segments that read a time-dependent input, with their plans, cheapest first (cached per list:
-    the worker passes the same one every time)."""
+    """The segments that read a time-dependent input, with their plans, cheapest first (cached per
+    list, as the worker passes the same one every time; checked against its current items, so a list
+    changed in place is planned again)."""
+    items = tuple(segments)
     cached = _ORDER.get(id(segments))
-    if cached is not None and cached[0] is segments:
+    if cached is not None and cached[0] == items:  # identical items: one identity check each
         return cached[1]
-    plans = [(segment, plan_of(segment.predicate)) for segment in segments]
+    plans = [(segment, plan_of(segment.predicate)) for segment in items]
     chosen = sorted(((s, p) for s, p in plans if not p.static), key=lambda sp: _cost(sp[1]))
-    if isinstance(segments, list | tuple):  # immutable enough to cache by identity; holding it keeps its id
-        if len(_ORDER) > 64:
-            _ORDER.clear()
-        _ORDER[id(segments)] = (segments, chosen)
+    if len(_ORDER) > 64:
+        _ORDER.clear()
+    _ORDER[id(segments)] = (items, chosen)
     return chosen
 
 

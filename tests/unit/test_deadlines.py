@@ -374,3 +374,13 @@ def test_affinity_threshold_guess_is_within_a_few_ms():
     due = next_check_at(state, seg("category_affinity['cookware'] >= 0.3"), T0, half_life_days=HL)
     guess = ctx.falls_to("cookware", 0.3 - deadlines.HALF_STEP)
     assert due is not None and guess is not None and abs(guess - due) <= 2
+
+
+def test_a_segment_list_changed_in_place_is_planned_again():
+    state = profile([purchase("e1", T0 - 3 * DAY_MS)], T0)
+    segments = seg("orders_count >= 1")
+    assert next_check_at(state, segments, T0, half_life_days=HL) is None
+    segments.append(seg("orders_30d >= 1", "t")[0])
+    assert next_check_at(state, segments, T0, half_life_days=HL) == T0 + 27 * DAY_MS
+    segments[1] = seg("orders_90d >= 1", "t")[0]
+    assert next_check_at(state, segments, T0, half_life_days=HL) == T0 + 87 * DAY_MS
