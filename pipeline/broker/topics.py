@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from typing import Any
 
 from pipeline.errors import BrokerError
 from pipeline.settings import Settings
@@ -36,7 +37,8 @@ def product_topics(settings: Settings) -> list[TopicSpec]:
     return specs
 
 
-def ensure_topics(bootstrap: list[str], specs: list[TopicSpec], partitions: int, *, timeout: float = 30.0) -> None:
+def ensure_topics(bootstrap: list[str], specs: list[TopicSpec], partitions: int, *, timeout: float = 30.0,
+                  options: dict[str, Any] | None = None) -> None:
     """Create the topics that do not exist yet (idempotent)."""
     from kafka import KafkaAdminClient
     from kafka.admin import NewTopic
@@ -45,7 +47,7 @@ def ensure_topics(bootstrap: list[str], specs: list[TopicSpec], partitions: int,
     deadline = time.monotonic() + timeout
     while True:
         try:
-            admin = KafkaAdminClient(bootstrap_servers=bootstrap, client_id="pipeline-admin",
+            admin = KafkaAdminClient(bootstrap_servers=bootstrap, client_id="pipeline-admin", **(options or {}),
                                      request_timeout_ms=10000)
             break
         except KafkaError as exc:

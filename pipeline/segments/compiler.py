@@ -872,8 +872,15 @@ def compile_where(text: str, *, segment_id: str | None = None, source: str | Non
         raise DefinitionError(f"syntax error: {description}", segment_id=segment_id, line=line,
                               column=column, source=source) from None
     if isinstance(tree, (exp.Select, exp.Query)) or tree.find(exp.Select, exp.Subquery) is not None:
+        found = re.search(r"(?i)\b(select|union|with|from)\b", text)
+        line, column = locate(found.start() if found else 0)
         raise DefinitionError("a segment's 'where' must be an expression, not a query",
-                              segment_id=segment_id, source=source)
+                              segment_id=segment_id, source=source, line=line, column=column)
+    if any(getattr(node, "comments", None) for node in tree.walk()) or re.search(r"--|/\*", _outside_quotes(text)):
+        found = re.search(r"--|/\*", _outside_quotes(text))
+        line, column = locate(found.start() if found else 0)
+        raise DefinitionError("comments are not allowed in a 'where' expression (use YAML comments)",
+                              segment_id=segment_id, source=source, line=line, column=column)
     comp = _Compiler(text, locate, segment_id, source)
     top = comp.c(tree)
     if top.type not in (T.BOOL, T.NUM, T.NULL):
@@ -890,6 +897,12 @@ def compile_where(text: str, *, segment_id: str | None = None, source: str | Non
 
     return Compiled(text=text, sql=tree.sql("clickhouse"), fn=predicate, columns=frozenset(comp.columns),
                     uses_now=comp.uses_now, terms=terms)
+
+
+def _outside_quotes(text: str) -> str:
+    """``text`` with the inside of '...' string literals blanked (same length), so markers found in
+    it are outside strings."""
+    return re.sub(r"'(?:[^'\\]|\\.|'')*'", lambda m: "'" + " " * (len(m.group()) - 2) + "'", text)
 
 
 def _offset_of(text: str, line: int | None, col: int | None) -> int:

@@ -109,7 +109,8 @@ def apply_records(segments: Sequence[Segment], current_ids: Sequence[str]) -> li
 
 
 def publish_definitions(bootstrap: Sequence[str], topic: str, segments: Sequence[Segment], *,
-                        timeout: float = 60.0) -> tuple[list[str], list[str], list[str]]:
+                        timeout: float = 60.0, options: dict[str, Any] | None = None,
+                        ) -> tuple[list[str], list[str], list[str]]:
     """Apply ``segments`` on the definitions topic; returns (added, changed, removed) ids."""
     import time
     import uuid
@@ -120,8 +121,8 @@ def publish_definitions(bootstrap: Sequence[str], topic: str, segments: Sequence
     from pipeline.errors import BrokerError
 
     try:
-        producer = KafkaProducer(bootstrap_servers=list(bootstrap), acks="all")
-        consumer = KafkaConsumer(bootstrap_servers=list(bootstrap), consumer_timeout_ms=500)
+        producer = KafkaProducer(bootstrap_servers=list(bootstrap), acks="all", **(options or {}))
+        consumer = KafkaConsumer(bootstrap_servers=list(bootstrap), consumer_timeout_ms=500, **(options or {}))
     except KafkaError as exc:
         raise BrokerError(f"cannot reach the broker at {','.join(bootstrap)}: {exc}") from None
     try:

@@ -175,3 +175,22 @@ def test_incremental_evaluation_gives_the_full_memberships(events, offsets):
         schedule(incremental.state, now, SEGMENTS)
         assert full.state.segments.keys() == incremental.state.segments.keys()
 
+
+
+def test_consent_gates_membership_and_a_revocation_exits_at_once():
+    def consent(event_id, at, value):
+        return Event(event_id=event_id, source="crm", type="consent", occurred_at=at, customer_id="c1",
+                     marketing=value)
+
+    def survey(event_id, at):
+        return Event(event_id=event_id, source="surveys", type="survey", occurred_at=at, customer_id="c1",
+                     survey_id="q1", interests=["cooking"])
+
+    state = step(None, "c1", survey("s1", T0), T0, SEGMENTS).state
+    for i in range(3):  # enough cookware affinity for the cooks segment
+        state = step(state, "c1", replace(purchase(f"e{i}", T0 + i), total=20.0), T0 + i, SEGMENTS).state
+    assert "cooks" not in state.segments  # interested and active, but no consent
+    granted = step(state, "c1", consent("k1", T0 + 10, True), T0 + 10, SEGMENTS)
+    assert [(c.segment_id, c.change, c.cause) for c in granted.changes] == [("cooks", "entered", "k1")]
+    revoked = step(granted.state, "c1", consent("k2", T0 + 20, False), T0 + 20, SEGMENTS)
+    assert [(c.segment_id, c.change, c.cause) for c in revoked.changes] == [("cooks", "exited", "k2")]

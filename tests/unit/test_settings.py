@@ -64,3 +64,22 @@ def test_cli_says_a_sentence_not_a_traceback():
 def test_every_setting_is_documented():
     for name, field in Settings.model_fields.items():
         assert field.description, name
+
+
+def test_broker_security_settings(monkeypatch):
+    monkeypatch.setenv("PIPELINE_BROKER_SECURITY_PROTOCOL", "SASL_SSL")
+    with pytest.raises(ConfigError, match="PIPELINE_BROKER_SASL_USERNAME"):
+        load_settings()
+    monkeypatch.setenv("PIPELINE_BROKER_SASL_USERNAME", "svc")
+    monkeypatch.setenv("PIPELINE_BROKER_SASL_PASSWORD", "pw-secret")
+    monkeypatch.setenv("PIPELINE_BROKER_SASL_MECHANISM", "SCRAM-SHA-512")
+    settings = load_settings()
+    options = settings.kafka_python_options()
+    assert options["security_protocol"] == "SASL_SSL" and options["sasl_mechanism"] == "SCRAM-SHA-512"
+    assert options["sasl_plain_password"] == "pw-secret" and options["ssl_context"] is not None
+    credentials = settings.faust_credentials()
+    assert credentials.username == "svc" and credentials.ssl_context is not None
+    assert "pw-secret" not in repr(settings) and "pw-secret" not in str(settings.model_dump())
+    monkeypatch.setenv("PIPELINE_BROKER_SECURITY_PROTOCOL", "PLAINTEXT")
+    with pytest.raises(ConfigError, match="SASL credentials are set"):
+        load_settings()
