@@ -16,12 +16,17 @@ Routes (all GET; see ``openapi_document()`` and docs/api.md):
 - ``/profiles/{customer_id}`` and ``/profiles/{customer_id}/explain/{segment_id}`` — served by
   the worker that owns the key: when ``backend.owner_url(customer_id)`` names another worker,
   the request is proxied there (once: a proxied request is never proxied again);
+- ``/`` and ``/dashboard`` — a self-contained HTML dashboard (inline CSS, JS and SVG; no external
+  assets) that polls ``/dashboard/data``: live sizes, size over time, recent changes, dead letters;
 - ``/openapi.json`` — the OpenAPI 3 description of all of the above.
 
 Authentication: when a token is given, every route except ``/health``, ``/ready`` and
 ``/metrics`` (probes and Prometheus scrape without credentials) requires
 ``Authorization: Bearer <token>``; the token is compared in constant time and never logged or
-echoed. Errors are JSON ``{"error": "<sentence>"}``, never stack traces.
+echoed. A browser cannot send that header on a page load, so the dashboard page alone (``/``,
+``/dashboard``) also accepts ``?token=<token>``; its script moves the token from the address bar
+to ``sessionStorage`` and sends it as the header on its fetches. Access logs drop ``token`` from
+query strings. Errors are JSON ``{"error": "<sentence>"}``, never stack traces.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import aiohttp
 from aiohttp import web
+from aiohttp.abc import AbstractAccessLogger
 from yarl import URL
 
 from pipeline.errors import PipelineError
@@ -52,6 +58,10 @@ log = logging.getLogger(__name__)
 DEFAULT_LIMIT = 100
 MAX_LIMIT = 1000
 OPEN_PATHS = frozenset({"/health", "/ready", "/metrics"})
+DASHBOARD_PAGES = frozenset({"/", "/dashboard"})  # the only routes that accept ?token= (a browser page load)
+TOKEN_PARAM = "token"
+RECENT_CHANGES = 50  # rows of /dashboard/data recent_changes (the page shows the first 20)
+HISTORY_HOURS = 7 * 24  # hours of size history in /dashboard/data (earlier deltas still count)
 PROXIED_HEADER = "X-Pipeline-Proxied"
 SERVED_BY_HEADER = "X-Pipeline-Served-By"
 PROXY_TIMEOUT_SECONDS = 10.0
@@ -104,6 +114,13 @@ class ApiBackend(Protocol):
     async def explain(self, customer_id: str, segment_id: str) -> dict[str, Any] | None:
         """``explain_terms`` for the customer's profile as of now, or None when there is no such
         profile. Raise ``NotFound`` for an unknown segment."""
+        ...
+
+    async def dashboard(self) -> dict[str, Any]:
+        """What the dashboard shows, from ClickHouse: ``sizes`` (segment -> members),
+        ``history`` (segment -> ``[[hour, size], ...]``, the running sum of the hourly deltas of
+        ``segment_size_history``), ``recent_changes`` (newest first), ``dead_letters``
+        (error class -> count) and ``generated_at``. Raise when ClickHouse cannot be asked."""
         ...
 
 
@@ -164,6 +181,56 @@ def paginate(rows: Sequence[Mapping[str, Any]], *, limit: int, cursor: str | Non
     return page, encode_cursor(key(page[-1])) if more and page else None
 
 
+# --- dashboard data -----------------------------------------------------------------------------
+
+def _iso(value: Any) -> Any:
+    if isinstance(value, datetime):
+        return (value if value.tzinfo is not None else value.replace(tzinfo=UTC)).isoformat()
+    return value
+
+
+def dashboard_data(client: Any, database: str, *, recent: int = RECENT_CHANGES, history_hours: int = HISTORY_HOURS,
+                   now: datetime | None = None) -> dict[str, Any]:
+    """The dashboard's numbers from the product's ClickHouse tables (all read with FINAL, so a
+    redelivered row counts once). Run it in the worker's ClickHouse executor thread.
+
+    - ``sizes``: members per segment, from ``segment_membership``;
+    - ``history``: per segment, ``[[hour (ISO-8601), size at the end of that hour], ...]`` for the
+      hours with changes in the last ``history_hours`` — the running sum of every hourly delta of
+      ``segment_size_history`` (deltas before the window count in the first point, which is then
+      the window's start);
+    - ``recent_changes``: the ``recent`` newest rows of ``segment_changes``;
+    - ``dead_letters``: rows of ``dead_letters`` per error class.
+    """
+    now = now or datetime.now(UTC)
+    cutoff = int(now.timestamp()) // 3600 * 3600 - (history_hours - 1) * 3600
+    sizes = {row[0]: int(row[1]) for row in client.query(
+        f"SELECT segment_id, countIf(is_member = 1) FROM {database}.segment_membership FINAL "
+        "GROUP BY segment_id ORDER BY segment_id").result_rows}
+    history: dict[str, list[list[Any]]] = {}
+    running: dict[str, int] = {}
+    for segment_id, hour, delta in client.query(
+            f"SELECT segment_id, toUnixTimestamp(hour), sum(delta) FROM {database}.segment_size_history FINAL "
+            "GROUP BY segment_id, hour ORDER BY segment_id, hour").result_rows:
+        size = running[segment_id] = running.get(segment_id, 0) + int(delta)
+        points = history.setdefault(segment_id, [])
+        if int(hour) >= cutoff:
+            points.append([datetime.fromtimestamp(int(hour), tz=UTC).isoformat(), size])
+        else:  # rows come in hour order: everything before the window folds into its first point
+            points[:] = [[datetime.fromtimestamp(cutoff, tz=UTC).isoformat(), size]]
+    changes = client.query(
+        f"SELECT customer_id, segment_id, toString(change), changed_at, profile_version, cause "
+        f"FROM {database}.segment_changes FINAL "
+        "ORDER BY changed_at DESC, profile_version DESC, segment_id, customer_id, change DESC "
+        "LIMIT %(limit)s", parameters={"limit": int(recent)}).result_rows
+    recent_changes = [{"customer_id": row[0], "segment_id": row[1], "change": row[2], "changed_at": _iso(row[3]),
+                       "profile_version": int(row[4]), "cause": row[5]} for row in changes]
+    dead = {str(row[0]): int(row[1]) for row in client.query(
+        f"SELECT error_class, count() FROM {database}.dead_letters FINAL GROUP BY error_class "
+        "ORDER BY error_class").result_rows}
+    return {"sizes": sizes, "history": history, "recent_changes": recent_changes, "dead_letters": dead}
+
+
 # --- a backend from the worker's parts ----------------------------------------------------------
 
 Lookup = Callable[[str], ProfileState | None | Awaitable[ProfileState | None]]
@@ -179,7 +246,8 @@ class WorkerBackend:
     - ``members(segment_id)``: the cohort, rows with ``customer_id``, ``since``, ``anonymous_ids``
       (e.g. ``pipeline.cohorts.cohort`` run in an executor);
     - ``sizes()``: segment id -> members (e.g. ``pipeline.cohorts.segment_sizes``);
-    - ``ready()``, ``owner(customer_id)``: see ``ApiBackend.is_ready`` and ``owner_url``.
+    - ``ready()``, ``owner(customer_id)``: see ``ApiBackend.is_ready`` and ``owner_url``;
+    - ``dashboard()``: ``dashboard_data`` run in an executor (None: the dashboard shows sizes only).
     """
 
     def __init__(self, *, segments: Callable[[], Sequence[Segment]], lookup: Lookup,
@@ -187,7 +255,8 @@ class WorkerBackend:
                  members: Callable[[str], Awaitable[Sequence[Mapping[str, Any]]]],
                  sizes: Callable[[], Awaitable[Mapping[str, int]]],
                  ready: Callable[[], bool], owner: Callable[[str], str | None] | None = None,
-                 half_life_days: float = 30.0) -> None:
+                 half_life_days: float = 30.0,
+                 dashboard: Callable[[], Awaitable[Mapping[str, Any]]] | None = None) -> None:
         self._segments = segments
         self._lookup = lookup
         self._now_ms = now_ms
@@ -196,6 +265,7 @@ class WorkerBackend:
         self._ready = ready
         self._owner = owner
         self._half_life_days = half_life_days
+        self._dashboard = dashboard
 
     def is_ready(self) -> bool:
         return self._ready()
@@ -251,6 +321,25 @@ class WorkerBackend:
         explained["member"] = since is not None  # as last evaluated by the stream
         explained["member_since"] = datetime.fromtimestamp(since / 1000, tz=UTC).isoformat() if since else None
         return explained
+
+    async def dashboard(self) -> dict[str, Any]:
+        """``dashboard_data`` restricted to the current definitions (every defined segment has a
+        size, 0 when it has no members; a removed segment's rows are not shown), plus
+        ``generated_at``. Recent changes and dead letters are shown whatever their segment."""
+        if self._dashboard is not None:
+            data: Mapping[str, Any] = await self._dashboard()
+        else:
+            data = {"sizes": await self._sizes()}
+        ids = [segment.id for segment in self._segments()]
+        sizes: Mapping[str, int] = data.get("sizes") or {}
+        history: Mapping[str, list[list[Any]]] = data.get("history") or {}
+        result: dict[str, Any] = jsonable({
+            "sizes": {segment_id: int(sizes.get(segment_id, 0)) for segment_id in ids},
+            "history": {segment_id: list(history.get(segment_id, [])) for segment_id in ids},
+            "recent_changes": list(data.get("recent_changes") or []),
+            "dead_letters": dict(data.get("dead_letters") or {}),
+            "generated_at": datetime.now(UTC).isoformat()})
+        return result
 
 
 # --- the application ----------------------------------------------------------------------------
@@ -310,10 +399,15 @@ def _auth_middleware(token: str) -> Any:
             return await handler(request)
         header = request.headers.get("Authorization", "")
         scheme, _, given = header.partition(" ")
+        page = request.path in DASHBOARD_PAGES
+        if page and not header and request.query.get(TOKEN_PARAM):
+            scheme, given = "bearer", request.query[TOKEN_PARAM]  # a browser's page load: ?token=
         if scheme.lower() != "bearer" or not given.strip():
             log.info("refused %s %s: no bearer token", request.method, _short(request.path))
-            return _error(401, "this route needs a bearer token: send 'Authorization: Bearer <token>'",
-                          {"WWW-Authenticate": f'Bearer realm="{REALM}"'})
+            message = ("this page needs the API token: open it as /dashboard?token=<token> (or send a bearer token)"
+                       if page else
+                       "this route needs a bearer token: send 'Authorization: Bearer <token>'")
+            return _error(401, message, {"WWW-Authenticate": f'Bearer realm="{REALM}"'})
         if not hmac.compare_digest(given.strip().encode(), expected):
             log.warning("refused %s %s from %s: wrong bearer token", request.method, _short(request.path),
                         request.remote)
@@ -436,6 +530,30 @@ async def _openapi(request: web.Request) -> web.StreamResponse:
     return _json(openapi_document())
 
 
+_PAGE_HEADERS = {
+    "Cache-Control": "no-store",
+    "Referrer-Policy": "no-referrer",  # the page URL may carry ?token=
+    "X-Content-Type-Options": "nosniff",
+    "Content-Security-Policy": "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
+                               "connect-src 'self'; img-src data:; base-uri 'none'; form-action 'none'; "
+                               "frame-ancestors 'none'",
+}
+
+
+async def _dashboard_page(request: web.Request) -> web.StreamResponse:
+    return web.Response(text=DASHBOARD_HTML, content_type="text/html", charset="utf-8", headers=_PAGE_HEADERS)
+
+
+async def _dashboard_data(request: web.Request) -> web.StreamResponse:
+    try:
+        data = await request.app[BACKEND].dashboard()
+    except Exception as exc:  # noqa: BLE001 - the page keeps its last numbers and says why
+        log.warning("dashboard data unavailable: %s: %s", type(exc).__name__, _short(str(exc)))
+        return _error(503, "the dashboard data is unavailable: ClickHouse could not be queried; see the worker's log",
+                      {"Cache-Control": "no-store"})
+    return _json(data, headers={"Cache-Control": "no-store"})
+
+
 ROUTES: tuple[tuple[str, Callable[[web.Request], Awaitable[web.StreamResponse]]], ...] = (
     ("/health", _health),
     ("/ready", _ready),
@@ -446,6 +564,9 @@ ROUTES: tuple[tuple[str, Callable[[web.Request], Awaitable[web.StreamResponse]]]
     ("/profiles/{customer_id}", _profile),
     ("/profiles/{customer_id}/explain/{segment_id}", _explain),
     ("/openapi.json", _openapi),
+    ("/", _dashboard_page),
+    ("/dashboard", _dashboard_page),
+    ("/dashboard/data", _dashboard_data),
 )
 
 
@@ -464,10 +585,21 @@ def build_api(*, backend: ApiBackend, metrics: Metrics, token: str | None) -> we
     return app
 
 
+class RedactingAccessLogger(AbstractAccessLogger):
+    """aiohttp's access log line without secrets: ``token`` query values are replaced."""
+
+    def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
+        url = request.rel_url
+        if TOKEN_PARAM in url.query:
+            url = url.with_query([(k, "REDACTED" if k == TOKEN_PARAM else v) for k, v in url.query.items()])
+        self.logger.info("%s %s %s %s %d %.3fs", request.remote, request.method, _short(str(url)),
+                         response.status, response.body_length, time)
+
+
 async def start_api(app: web.Application, host: str, port: int) -> web.AppRunner:
     """Serve ``app`` on ``host:port`` inside the running event loop (``port`` 0: any free port,
     see ``bound_port``); returns the runner to pass to ``stop_api``."""
-    runner = web.AppRunner(app, handle_signals=False)
+    runner = web.AppRunner(app, handle_signals=False, access_log_class=RedactingAccessLogger)
     await runner.setup()
     site = web.TCPSite(runner, host, port)
     try:
@@ -511,6 +643,20 @@ _CUSTOMER = _path_param("customer_id", "The customer's key: CRM customer id, or 
 _SEGMENT = _path_param("segment_id", "A segment id ([a-z0-9_]+).")
 _OWNER = ("Served by the worker that owns the customer's key; another worker proxies the request there "
           f"(the answer then carries {SERVED_BY_HEADER}).")
+
+
+def _dashboard_operation(operation_id: str) -> dict[str, Any]:
+    return {"operationId": operation_id,
+            "summary": "The dashboard: one self-contained HTML page (no external assets) that polls "
+                       "/dashboard/data every few seconds.",
+            "description": "A browser cannot send the Authorization header on a page load, so this page (and "
+                           "only this page) also accepts the token as ?token=; the page's script then removes it "
+                           "from the address bar and sends it as the header on its fetches.",
+            "parameters": [{"name": TOKEN_PARAM, "in": "query", "required": False,
+                            "description": "The API token (only when PIPELINE_API_TOKEN is set and no "
+                                           "Authorization header is sent).", "schema": {"type": "string"}}],
+            "responses": {"200": {"description": "The page.", **_content({"type": "string"}, "text/html")},
+                          "401": _UNAUTHORIZED}}
 
 
 def openapi_document() -> dict[str, Any]:
@@ -569,6 +715,15 @@ def openapi_document() -> dict[str, Any]:
                                   "responses": {"200": {"description": "OpenAPI 3 document.",
                                                         **_content({"type": "object"})},
                                                 "401": _UNAUTHORIZED}}},
+        "/": {"get": _dashboard_operation("dashboardRoot")},
+        "/dashboard": {"get": _dashboard_operation("dashboard")},
+        "/dashboard/data": {"get": {
+            "operationId": "dashboardData",
+            "summary": "The dashboard's numbers from ClickHouse: live sizes, hourly size history, the 50 newest "
+                       "segment changes, dead letters per error class.",
+            "responses": {"200": {"description": "The numbers.", **_content(_ref("Dashboard"))},
+                          "401": _UNAUTHORIZED,
+                          "503": _error_response("ClickHouse could not be queried.")}}},
     }
     nullable_string = {"type": "string", "nullable": True}
     schemas: dict[str, Any] = {
@@ -607,6 +762,26 @@ def openapi_document() -> dict[str, Any]:
             "result": {"type": "boolean", "description": "Member at now: predicate and consent."},
             "member": {"type": "boolean", "description": "Member as last evaluated by the stream."},
             "member_since": {**nullable_string, "format": "date-time"}}},
+        "Change": {"type": "object", "required": ["customer_id", "segment_id", "change", "changed_at"],
+                   "properties": {"customer_id": {"type": "string"}, "segment_id": {"type": "string"},
+                                  "change": {"type": "string", "enum": ["entered", "exited"]},
+                                  "changed_at": {"type": "string", "format": "date-time"},
+                                  "profile_version": {"type": "integer"}, "cause": {"type": "string"}}},
+        "Dashboard": {"type": "object", "required": ["sizes", "history", "recent_changes", "dead_letters",
+                                                     "generated_at"], "properties": {
+            "sizes": {"type": "object", "additionalProperties": {"type": "integer"},
+                      "description": "Segment id -> current members (every defined segment)."},
+            "history": {"type": "object", "description": "Segment id -> [[hour, size], ...]: the size at the end "
+                        "of each hour with changes (running sum of segment_size_history's hourly deltas), oldest "
+                        f"first, the last {HISTORY_HOURS} hours.",
+                        "additionalProperties": {"type": "array", "items": {
+                            "type": "array", "minItems": 2, "maxItems": 2,
+                            "items": {"oneOf": [{"type": "string", "format": "date-time"}, {"type": "integer"}]}}}},
+            "recent_changes": {"type": "array", "items": _ref("Change"),
+                               "description": f"The {RECENT_CHANGES} newest segment changes, newest first."},
+            "dead_letters": {"type": "object", "additionalProperties": {"type": "integer"},
+                             "description": "Error class -> dead letters in ClickHouse."},
+            "generated_at": {"type": "string", "format": "date-time"}}},
     }
     return {
         "openapi": "3.0.3",
@@ -619,3 +794,296 @@ def openapi_document() -> dict[str, Any]:
                        "securitySchemes": {"bearerAuth": {"type": "http", "scheme": "bearer"}}},
         "security": [{"bearerAuth": []}],
     }
+
+
+# --- the dashboard page -------------------------------------------------------------------------
+# One self-contained page: inline CSS, inline JS, an SVG chart drawn by hand; no external asset (the
+# machines that run it may have no network). It never contains the token: the script reads it from
+# the address bar (or sessionStorage), removes it from there, and sends it as a bearer header.
+# Every value from the data is put in the DOM with textContent/setAttribute, never as HTML.
+# Stable hooks for tests and scrapers: td.size[data-segment], td.dead-count[data-error-class],
+# tr.change[data-segment][data-customer][data-change], #sizes-total, #dead-letters-total,
+# path.series[data-segment][data-last-size], body[data-state][data-updates][data-generated-at].
+
+DASHBOARD_HTML = r"""<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<meta name="referrer" content="no-referrer">
+<title>live-segments dashboard</title>
+<style>
+:root { --bg: #f4f5f7; --card: #fff; --ink: #1d2330; --muted: #6b7280; --line: #e3e6eb;
+        --ok: #15803d; --bad: #b91c1c; }
+* { box-sizing: border-box; }
+body { margin: 0; font: 14px/1.4 system-ui, -apple-system, "Segoe UI", Roboto, sans-serif;
+       background: var(--bg); color: var(--ink); }
+header { display: flex; align-items: baseline; gap: 16px; padding: 12px 24px; background: #1d2330; color: #fff; }
+header h1 { font-size: 18px; margin: 0; font-weight: 600; }
+#status { font-size: 13px; color: #cbd5e1; }
+#status[data-state=error] { color: #fca5a5; }
+#generated-at { margin-left: auto; font-size: 13px; color: #cbd5e1; }
+main { display: grid; grid-template-columns: minmax(260px, 320px) 1fr; gap: 16px; padding: 16px 24px; }
+section { background: var(--card); border: 1px solid var(--line); border-radius: 8px; padding: 12px 16px;
+          min-width: 0; }
+section h2 { font-size: 12px; margin: 0 0 8px; text-transform: uppercase; letter-spacing: .05em;
+             color: var(--muted); }
+#sizes-card { grid-column: 1; grid-row: 1; }
+#dead-card { grid-column: 1; grid-row: 2; }
+#chart-card { grid-column: 2; grid-row: 1 / span 2; }
+#changes-card { grid-column: 1 / span 2; grid-row: 3; }
+table { width: 100%; border-collapse: collapse; }
+th, td { text-align: left; padding: 4px 6px; border-bottom: 1px solid var(--line); white-space: nowrap; }
+thead th { font-weight: 600; color: var(--muted); font-size: 12px; }
+tfoot th, tfoot td { border-bottom: 0; font-weight: 600; }
+.num, td.size, td.dead-count { text-align: right; font-variant-numeric: tabular-nums; }
+.swatch { display: inline-block; width: 10px; height: 10px; border-radius: 2px; margin-right: 6px; }
+td.entered { color: var(--ok); font-weight: 600; }
+td.exited { color: var(--bad); font-weight: 600; }
+td.customer, td.cause { max-width: 320px; overflow: hidden; text-overflow: ellipsis; }
+.empty td { color: var(--muted); font-style: italic; }
+#chart { display: block; width: 100%; height: auto; }
+#chart text { font-size: 11px; fill: var(--muted); }
+#chart .grid { stroke: var(--line); stroke-width: 1; }
+#chart .series { fill: none; stroke-width: 2; }
+#legend { margin-top: 6px; font-size: 13px; }
+#legend span.item { margin-right: 14px; white-space: nowrap; }
+</style>
+</head>
+<body data-state="loading" data-updates="0">
+<header>
+  <h1>live-segments</h1>
+  <span id="status" data-state="loading">loading&hellip;</span>
+  <span id="generated-at"></span>
+</header>
+<main>
+  <section id="sizes-card">
+    <h2>Live segment sizes</h2>
+    <table id="sizes">
+      <thead><tr><th>segment</th><th class="num">members</th></tr></thead>
+      <tbody></tbody>
+      <tfoot><tr><th>all memberships</th><td class="num" id="sizes-total"></td></tr></tfoot>
+    </table>
+  </section>
+  <section id="dead-card">
+    <h2>Dead letters by error class</h2>
+    <table id="dead-letters">
+      <thead><tr><th>error class</th><th class="num">messages</th></tr></thead>
+      <tbody></tbody>
+      <tfoot><tr><th>total</th><td class="num" id="dead-letters-total"></td></tr></tfoot>
+    </table>
+  </section>
+  <section id="chart-card">
+    <h2>Segment size over time (end of each hour with changes, UTC)</h2>
+    <svg id="chart" viewBox="0 0 820 330" role="img" aria-label="segment sizes over time"></svg>
+    <div id="legend"></div>
+  </section>
+  <section id="changes-card">
+    <h2>Recent segment changes (newest 20)</h2>
+    <table id="recent-changes">
+      <thead><tr><th>changed at (UTC)</th><th>segment</th><th>customer</th><th>change</th>
+        <th class="num">profile version</th><th>cause</th></tr></thead>
+      <tbody></tbody>
+    </table>
+  </section>
+</main>
+<script>
+(function () {
+  "use strict";
+  var REFRESH_MS = 5000, SHOWN_CHANGES = 20, KEY = "pipeline-api-token", NS = "http://www.w3.org/2000/svg";
+  var COLORS = ["#2563eb", "#dc2626", "#16a34a", "#d97706", "#7c3aed", "#0891b2", "#db2777", "#65a30d",
+                "#ea580c", "#475569"];
+  var token = null, updates = 0, lastGood = null;
+  var params = new URLSearchParams(window.location.search);
+  if (params.has("token")) {
+    token = params.get("token");
+    params.delete("token");
+    try { window.sessionStorage.setItem(KEY, token); } catch (e) { /* storage may be off */ }
+    var rest = params.toString();
+    window.history.replaceState(null, "", window.location.pathname + (rest ? "?" + rest : "") + window.location.hash);
+  } else {
+    try { token = window.sessionStorage.getItem(KEY); } catch (e) { token = null; }
+  }
+
+  function el(tag, attrs, text) {
+    var node = document.createElement(tag);
+    Object.keys(attrs || {}).forEach(function (k) { node.setAttribute(k, attrs[k]); });
+    if (text !== undefined && text !== null) { node.textContent = String(text); }
+    return node;
+  }
+  function sv(tag, attrs, text) {
+    var node = document.createElementNS(NS, tag);
+    Object.keys(attrs || {}).forEach(function (k) { node.setAttribute(k, attrs[k]); });
+    if (text !== undefined && text !== null) { node.textContent = String(text); }
+    return node;
+  }
+  function clear(node) { while (node.firstChild) { node.removeChild(node.firstChild); } }
+  function swatch(color) { var s = el("span", {"class": "swatch"}); s.style.background = color; return s; }
+  function when(iso) {
+    return iso ? String(iso).replace("T", " ").replace(/\.\d+/, "").replace(/(\+00:00|Z)$/, "") : "";
+  }
+  function hourLabel(ms) { return new Date(ms).toISOString().slice(5, 16).replace("T", " "); }
+  function emptyRow(body, columns, text) {
+    var tr = el("tr", {"class": "empty"});
+    tr.appendChild(el("td", {"colspan": String(columns)}, text));
+    body.appendChild(tr);
+  }
+
+  function renderSizes(ids, sizes, colors) {
+    var body = document.querySelector("#sizes tbody"), total = 0;
+    clear(body);
+    ids.forEach(function (id) {
+      var tr = el("tr", {"data-segment": id}), name = el("td", {"class": "segment"});
+      name.appendChild(swatch(colors[id]));
+      name.appendChild(document.createTextNode(id));
+      tr.appendChild(name);
+      tr.appendChild(el("td", {"class": "size", "data-segment": id}, sizes[id]));
+      body.appendChild(tr);
+      total += sizes[id];
+    });
+    if (!ids.length) { emptyRow(body, 2, "no segments defined"); }
+    document.getElementById("sizes-total").textContent = String(total);
+  }
+
+  function renderDead(dead) {
+    var body = document.querySelector("#dead-letters tbody"), total = 0;
+    var classes = Object.keys(dead).sort(function (a, b) { return dead[b] - dead[a] || (a < b ? -1 : 1); });
+    clear(body);
+    classes.forEach(function (cls) {
+      var tr = el("tr", {"data-error-class": cls});
+      tr.appendChild(el("td", {"class": "error-class"}, cls || "(none)"));
+      tr.appendChild(el("td", {"class": "dead-count", "data-error-class": cls}, dead[cls]));
+      body.appendChild(tr);
+      total += dead[cls];
+    });
+    if (!classes.length) { emptyRow(body, 2, "no dead letters"); }
+    document.getElementById("dead-letters-total").textContent = String(total);
+  }
+
+  function renderChanges(changes) {
+    var body = document.querySelector("#recent-changes tbody");
+    clear(body);
+    changes.slice(0, SHOWN_CHANGES).forEach(function (c) {
+      var tr = el("tr", {"class": "change", "data-segment": c.segment_id, "data-customer": c.customer_id,
+                         "data-change": c.change, "data-changed-at": c.changed_at});
+      tr.appendChild(el("td", {"class": "changed-at"}, when(c.changed_at)));
+      tr.appendChild(el("td", {"class": "segment"}, c.segment_id));
+      tr.appendChild(el("td", {"class": "customer", "title": c.customer_id}, c.customer_id));
+      tr.appendChild(el("td", {"class": c.change === "exited" ? "exited" : "entered"}, c.change));
+      tr.appendChild(el("td", {"class": "num"}, c.profile_version));
+      tr.appendChild(el("td", {"class": "cause", "title": c.cause}, c.cause));
+      body.appendChild(tr);
+    });
+    if (!changes.length) { emptyRow(body, 6, "no segment changes yet"); }
+  }
+
+  function ticksFor(max) {
+    if (max <= 0) { return [0, 1]; }
+    var raw = max / 4, mag = Math.pow(10, Math.floor(Math.log10(raw))), step = mag;
+    [1, 2, 5, 10].some(function (m) { step = Math.max(1, m * mag); return m * mag >= raw; });
+    var ticks = [];
+    for (var v = 0; v < max + step; v += step) { ticks.push(v); if (v >= max) { break; } }
+    return ticks;
+  }
+
+  function renderChart(ids, sizes, history, generatedAt, colors) {
+    var chart = document.getElementById("chart"), legend = document.getElementById("legend");
+    var W = 820, H = 330, L = 52, R = 20, T = 14, B = 36;
+    var now = Date.parse(generatedAt) || Date.now(), t0 = Infinity, vmax = 0, any = false;
+    clear(chart);
+    clear(legend);
+    var series = ids.map(function (id) {
+      var points = (history[id] || []).map(function (p) { return [Date.parse(p[0]), Number(p[1])]; });
+      points.forEach(function (p) { t0 = Math.min(t0, p[0]); vmax = Math.max(vmax, p[1]); any = true; });
+      vmax = Math.max(vmax, sizes[id]);
+      return {id: id, points: points};
+    });
+    var HOUR = 3600 * 1000;
+    t0 = Math.min(isFinite(t0) ? t0 : now, now - HOUR);
+    var t1 = now, ticks = ticksFor(vmax), ymax = ticks[ticks.length - 1];
+    function x(t) { return (L + (t - t0) / (t1 - t0) * (W - L - R)).toFixed(1); }
+    function y(v) { return (T + (1 - v / ymax) * (H - T - B)).toFixed(1); }
+    ticks.forEach(function (v) {
+      chart.appendChild(sv("line", {"class": "grid", "x1": L, "x2": W - R, "y1": y(v), "y2": y(v)}));
+      chart.appendChild(sv("text", {"x": L - 6, "y": Number(y(v)) + 4, "text-anchor": "end"}, v));
+    });
+    var every = Math.max(1, Math.ceil((t1 - t0) / HOUR / 5)) * HOUR;  // at most ~5 whole-hour labels
+    for (var t = Math.ceil(t0 / every) * every; t < t1 - (t1 - t0) * 0.12; t += every) {
+      chart.appendChild(sv("line", {"class": "grid", "x1": x(t), "x2": x(t), "y1": H - B, "y2": H - B + 4}));
+      chart.appendChild(sv("text", {"x": x(t), "y": H - 14, "text-anchor": "middle"}, hourLabel(t)));
+    }
+    chart.appendChild(sv("text", {"x": x(t1), "y": H - 14, "text-anchor": "end"}, "now"));
+    chart.appendChild(sv("line", {"class": "grid", "x1": L, "x2": L, "y1": T, "y2": H - B}));
+    series.forEach(function (s) {
+      var color = colors[s.id], d = "", last = null;
+      s.points.forEach(function (p, k) {
+        d += k === 0 ? "M" + x(p[0]) + " " + y(p[1]) : " H" + x(p[0]) + " V" + y(p[1]);
+        last = p;
+      });
+      d += last ? " H" + x(now) + " V" + y(sizes[s.id]) : "M" + x(now) + " " + y(sizes[s.id]);
+      var path = sv("path", {"class": "series", "d": d, "stroke": color, "data-segment": s.id,
+                             "data-last-size": String(sizes[s.id]), "data-points": String(s.points.length)});
+      path.appendChild(sv("title", {}, s.id));
+      chart.appendChild(path);
+      s.points.forEach(function (p) {
+        var dot = sv("circle", {"cx": x(p[0]), "cy": y(p[1]), "r": 3.5, "fill": color, "data-segment": s.id,
+                                "data-size": String(p[1]), "data-hour": new Date(p[0]).toISOString()});
+        dot.appendChild(sv("title", {}, s.id + ": " + p[1] + " at the end of " + hourLabel(p[0]) + " UTC"));
+        chart.appendChild(dot);
+      });
+      var item = el("span", {"class": "item", "data-segment": s.id});
+      item.appendChild(swatch(color));
+      item.appendChild(document.createTextNode(s.id + " (" + sizes[s.id] + ")"));
+      legend.appendChild(item);
+    });
+    if (!any) {
+      chart.appendChild(sv("text", {"x": (L + W - R) / 2, "y": (T + H - B) / 2, "text-anchor": "middle"},
+                           "no segment changes in the last week"));
+    }
+  }
+
+  function render(data) {
+    var sizes = data.sizes || {}, ids = Object.keys(sizes).sort(), colors = {};
+    ids.forEach(function (id, i) { colors[id] = COLORS[i % COLORS.length]; });
+    renderSizes(ids, sizes, colors);
+    renderChart(ids, sizes, data.history || {}, data.generated_at, colors);
+    renderChanges(data.recent_changes || []);
+    renderDead(data.dead_letters || {});
+    updates += 1;
+    lastGood = data.generated_at;
+    document.getElementById("generated-at").textContent = "data as of " + when(data.generated_at) + " UTC";
+    var status = document.getElementById("status");
+    status.textContent = "live, refreshed every " + REFRESH_MS / 1000 + " s";
+    status.setAttribute("data-state", "ok");
+    document.body.setAttribute("data-state", "ok");
+    document.body.setAttribute("data-updates", String(updates));
+    document.body.setAttribute("data-generated-at", data.generated_at || "");
+  }
+
+  function fail(error) {
+    var status = document.getElementById("status");
+    status.textContent = "refresh failed: " + (error && error.message ? error.message : error) +
+      (lastGood ? " (showing the data as of " + when(lastGood) + " UTC)" : "");
+    status.setAttribute("data-state", "error");
+    document.body.setAttribute("data-state", "error");
+  }
+
+  function refresh() {
+    var headers = {"Accept": "application/json"};
+    if (token) { headers.Authorization = "Bearer " + token; }
+    fetch("dashboard/data", {headers: headers, cache: "no-store", credentials: "omit"})
+      .then(function (response) {
+        return response.json().catch(function () { return {}; }).then(function (body) {
+          if (!response.ok) { throw new Error(body.error || "HTTP " + response.status); }
+          return body;
+        });
+      })
+      .then(render, fail)
+      .then(function () { window.setTimeout(refresh, REFRESH_MS); });
+  }
+  refresh();
+}());
+</script>
+</body>
+</html>
+"""

@@ -2,6 +2,7 @@
 
 import asyncio
 import logging
+import re
 from datetime import UTC, datetime
 
 import aiohttp
@@ -81,6 +82,7 @@ class Parts:
         self.owner = owner or (lambda customer_id: None)
         self.lookups = []
         self.sizes_fail = False
+        self.dashboard_fail = False
 
     def backend(self):
         async def lookup(customer_id):
@@ -95,9 +97,27 @@ class Parts:
                 raise ConnectionError("ClickHouse is down")
             return {s: len(rows) for s, rows in self.cohorts.items() if rows}
 
+        async def dashboard():
+            if self.dashboard_fail:
+                raise ConnectionError("ClickHouse is down")
+            return DASHBOARD_DATA
+
         return WorkerBackend(segments=lambda: SEGMENTS, lookup=lookup, now_ms=lambda customer_id: T0,
                              members=cohort, sizes=sizes, ready=lambda: self.ready,
-                             owner=lambda customer_id: self.owner(customer_id))
+                             owner=lambda customer_id: self.owner(customer_id), dashboard=dashboard)
+
+
+# what dashboard_data would answer: a segment no longer defined ("retired") and a customer id
+# that is markup, which the page must show as text
+DASHBOARD_DATA = {
+    "sizes": {"buyers": 25, "retired": 4},
+    "history": {"buyers": [["2026-09-21T08:00:00+00:00", 20], ["2026-09-21T09:00:00+00:00", 25]],
+                "retired": [["2026-09-21T08:00:00+00:00", 4]]},
+    "recent_changes": [{"customer_id": "<img src=x onerror=alert(1)>", "segment_id": "buyers", "change": "entered",
+                        "changed_at": datetime.fromtimestamp(T0 / 1000, tz=UTC), "profile_version": 3,
+                        "cause": "e9"}],
+    "dead_letters": {"decode": 2, "schema": 1},
+}
 
 
 def serve(test, *, token=None, parts=None, metrics=None):
@@ -285,7 +305,8 @@ def test_bearer_token(caplog):
     async def test(client, parts, metrics):
         bodies = []
         for path in ("/segments", "/segments/buyers", "/cohorts/buyers", "/profiles/c1",
-                     "/profiles/c1/explain/buyers", "/openapi.json", "/nowhere"):
+                     "/profiles/c1/explain/buyers", "/openapi.json", "/nowhere", "/", "/dashboard",
+                     "/dashboard/data"):
             response = await client.get(path)
             body = await response.text()
             assert response.status == 401, path
@@ -418,3 +439,109 @@ def test_start_and_stop_inside_a_running_loop():
             async with aiohttp.ClientSession() as session:
                 await session.get(f"http://127.0.0.1:{port}/health")
     asyncio.run(main())
+
+
+def test_dashboard_page_is_self_contained():
+    async def test(client, parts, metrics):
+        for path in ("/", "/dashboard"):
+            response = await client.get(path)
+            page = await response.text()
+            assert response.status == 200 and response.content_type == "text/html", path
+            assert response.headers["Cache-Control"] == "no-store"
+            assert response.headers["Referrer-Policy"] == "no-referrer"
+            assert "default-src 'none'" in response.headers["Content-Security-Policy"]
+            # no external asset: no src/href at all, the only URL is the SVG namespace
+            assert " src=" not in page and "href=" not in page and "@import" not in page and "url(" not in page
+            urls = set(re.findall(r"https?://[^\s\"']+", page))
+            assert urls == {"http://www.w3.org/2000/svg"}, urls
+            assert "<svg id=\"chart\"" in page and 'fetch("dashboard/data"' in page
+            assert "innerHTML" not in page  # data goes in as text only
+    serve(test)
+
+
+def test_dashboard_data():
+    async def test(client, parts, metrics):
+        response = await client.get("/dashboard/data")
+        body = await response.json()
+        assert response.status == 200 and response.headers["Cache-Control"] == "no-store"
+        # every defined segment, 0 without members; a removed segment is not shown
+        assert body["sizes"] == {"buyers": 25, "cooks": 0, "empty_one": 0}
+        assert body["history"] == {"buyers": DASHBOARD_DATA["history"]["buyers"], "cooks": [], "empty_one": []}
+        change = body["recent_changes"][0]
+        assert change["changed_at"] == datetime.fromtimestamp(T0 / 1000, tz=UTC).isoformat()
+        assert change["customer_id"].startswith("<img")  # JSON as is; the page writes it as text
+        assert body["dead_letters"] == {"decode": 2, "schema": 1}
+        assert datetime.fromisoformat(body["generated_at"]).tzinfo is not None
+
+        parts.dashboard_fail = True
+        response = await client.get("/dashboard/data")
+        body = await response.json()
+        assert response.status == 503 and "ClickHouse" in body["error"] and "down" not in body["error"]
+    serve(test)
+
+
+def test_dashboard_without_a_dashboard_callable_shows_sizes():
+    async def main():
+        async def no_members(segment_id):
+            return []
+
+        async def sizes():
+            return {"buyers": 3}
+        backend = WorkerBackend(segments=lambda: SEGMENTS, lookup=lambda key: None, now_ms=lambda key: T0,
+                                members=no_members, sizes=sizes, ready=lambda: True)
+        data = await backend.dashboard()
+        assert data["sizes"] == {"buyers": 3, "cooks": 0, "empty_one": 0}
+        assert data["recent_changes"] == [] and data["dead_letters"] == {}
+    asyncio.run(main())
+
+
+def test_dashboard_page_accepts_the_token_in_its_url_only(caplog):
+    caplog.set_level(logging.DEBUG)
+
+    async def test(client, parts, metrics):
+        bodies = []
+        for path in ("/", "/dashboard"):
+            response = await client.get(path, params={"token": TOKEN})
+            bodies.append(await response.text())
+            assert response.status == 200, path
+            response = await client.get(path, params={"token": "wrong"})
+            assert response.status == 401 and await response.json() == {"error": "the bearer token is not valid"}
+            response = await client.get(path, params={"token": ""})
+            assert response.status == 401 and "?token=" in (await response.json())["error"]
+            # a header, when sent, is what counts
+            response = await client.get(path, params={"token": TOKEN}, headers={"Authorization": "Bearer wrong"})
+            assert response.status == 401
+            response = await client.get(path, headers=AUTH)
+            assert response.status == 200
+        # the data and every other route want the header: a token in a URL ends up in logs and histories
+        for path in ("/dashboard/data", "/segments", "/cohorts/buyers", "/openapi.json"):
+            response = await client.get(path, params={"token": TOKEN})
+            bodies.append(await response.text())
+            assert response.status == 401, path
+        response = await client.get("/dashboard/data", headers=AUTH)
+        assert response.status == 200
+        return bodies
+    bodies = serve(test, token=TOKEN)
+    assert all(TOKEN not in body for body in bodies)  # the page never carries the token
+    # the API's own log lines never name it (the test server's access log is aiohttp's; the worker's
+    # is RedactingAccessLogger, see test_access_log_redacts_the_token)
+    assert not [r for r in caplog.records if r.name != "aiohttp.access" and TOKEN in r.getMessage()]
+
+
+def test_access_log_redacts_the_token(caplog):
+    caplog.set_level(logging.INFO, logger="aiohttp.access")
+
+    async def main():
+        runner = await start_api(build_api(backend=Parts().backend(), metrics=Metrics(), token=TOKEN),
+                                 "127.0.0.1", 0)
+        try:
+            async with aiohttp.ClientSession() as session:
+                url = f"http://127.0.0.1:{bound_port(runner)}/dashboard"
+                async with session.get(url, params={"token": TOKEN, "x": "1"}) as response:
+                    assert response.status == 200
+        finally:
+            await stop_api(runner)
+    asyncio.run(main())
+    access = [r.getMessage() for r in caplog.records if r.name == "aiohttp.access"]
+    assert access and "/dashboard?token=REDACTED&x=1" in access[0] and " 200 " in access[0]
+    assert TOKEN not in caplog.text
