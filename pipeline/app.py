@@ -27,7 +27,7 @@ import faust
 from faust.streams import _current_event
 
 from pipeline import codecs
-from pipeline.api import WorkerBackend, build_api, start_api, stop_api
+from pipeline.api import WorkerBackend, build_api, dashboard_data, start_api, stop_api
 from pipeline.broker import topics as t
 from pipeline.cohorts import cohort, segment_sizes
 from pipeline.control import DONE, HEADER, MARKER, Completion, Marker, control_kind
@@ -174,6 +174,7 @@ def create_app(settings: Settings, segments: Sequence[Segment]) -> faust.App:
         # The embedded broker under-reports end offsets (DESIGN §3): faust's check that a RocksDB
         # partition's persisted offset is not past the changelog's end would stop every restart.
         recovery_consistency_check=False,
+        broker_credentials=settings.faust_credentials(),
         topic_allow_declare=True,
         key_serializer="raw",
         value_serializer="raw",
@@ -541,7 +542,8 @@ def create_app(settings: Settings, segments: Sequence[Segment]) -> faust.App:
             from aiokafka import TopicPartition as KafkaPartition
 
             feed = DefinitionLog()
-            consumer = AIOKafkaConsumer(bootstrap_servers=settings.bootstrap_servers, enable_auto_commit=False)
+            consumer = AIOKafkaConsumer(bootstrap_servers=settings.bootstrap_servers, enable_auto_commit=False,
+                                        **settings.aiokafka_options())
             await consumer.start()
             try:
                 partition = KafkaPartition(definitions_name, 0)
@@ -735,6 +737,11 @@ def create_app(settings: Settings, segments: Sequence[Segment]) -> faust.App:
         return await asyncio.get_running_loop().run_in_executor(
             executor, segment_sizes, client, settings.clickhouse_database)
 
+    async def dashboard() -> dict[str, Any]:
+        client = await asyncio.get_running_loop().run_in_executor(executor, lambda: writer.client)
+        return await asyncio.get_running_loop().run_in_executor(
+            executor, dashboard_data, client, settings.clickhouse_database)
+
     def ready() -> bool:
         topic = customer_events.get_topic_name()
         assigned = any(tp.topic == topic for tp in app.assignor.assigned_actives())
@@ -743,7 +750,8 @@ def create_app(settings: Settings, segments: Sequence[Segment]) -> faust.App:
     backend = WorkerBackend(
         segments=lambda: definitions.current, lookup=lookup,
         now_ms=lambda customer_id: clock.now_ms(partition_for_key(customer_id.encode(), partitions)),
-        members=members, sizes=sizes, ready=ready, half_life_days=settings.affinity_half_life_days)
+        members=members, sizes=sizes, ready=ready, half_life_days=settings.affinity_half_life_days,
+        dashboard=dashboard)
 
     if settings.http_port:
         @app.task
@@ -766,9 +774,17 @@ def create_app(settings: Settings, segments: Sequence[Segment]) -> faust.App:
                 metrics.sink_batch(time.perf_counter() - started, rows or 0)
                 return
             except Exception as exc:  # noqa: BLE001 - any failure: back off and retry
+                if app.should_stop:
+                    # Stopping: leave the batch unacknowledged (it is consumed again after a restart)
+                    # rather than hold the shutdown hostage to an unreachable ClickHouse.
+                    log.error("ClickHouse insert failed (%s) while stopping: the batch will be redelivered", exc)
+                    raise asyncio.CancelledError() from None
                 log.error("ClickHouse insert failed (%s); retrying in %.1f s", exc, delay)
                 await loop.run_in_executor(executor, writer.reset)
-                await asyncio.sleep(delay)
+                for _ in range(int(delay * 10)):  # sleep, but notice a shutdown within 0.1 s
+                    if app.should_stop:
+                        break
+                    await asyncio.sleep(0.1)
                 delay = min(delay * 2, 30.0)
 
     return app

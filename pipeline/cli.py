@@ -231,9 +231,13 @@ def worker() -> None:
         segments = load_segments(settings.segments_path)
         ensure_topics(settings.bootstrap_servers, product_topics(settings), settings.partitions,
                       options=settings.kafka_python_options())
-    logging.basicConfig(level=settings.log_level.upper())
+    from pipeline.logs import logging_config
+
+    config = logging_config(settings.log_format, settings.log_level)
+    if config is None:
+        logging.basicConfig(level=settings.log_level.upper())
     faust_app = create_app(settings, segments)
-    Worker(faust_app, loglevel=settings.log_level).execute_from_commandline()
+    Worker(faust_app, loglevel=settings.log_level, logging_config=config).execute_from_commandline()
 
 
 @app.command("replay")

@@ -64,6 +64,8 @@ class Settings(BaseSettings):
     http_host: str = Field("127.0.0.1", description="Address the HTTP API listens on; 0.0.0.0 in a container "
                            "so probes and Prometheus can reach it.")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level.")
+    log_format: Literal["text", "json"] = Field("text", description="Log lines as text, or one JSON object per "
+                                                "line (time, level, logger, message) for log collectors.")
     segments_path: Path | None = Field(
         None, description="YAML file or directory of segment definitions. Default: the built-in examples."
     )
