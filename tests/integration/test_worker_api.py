@@ -81,5 +81,6 @@ def test_worker_serves_the_api(broker, unique, tmp_path):
 
         status, body = get(port, "/metrics")
         assert status == 200 and b"pipeline_events_in_total" in body and b"pipeline_segment_changes_total" in body
+        assert b"pipeline_consumer_lag{" in body and b"pipeline_timers_pending" in body
         assert get(port, "/openapi.json", TOKEN)[0] == 200
     assert TOKEN not in worker_log(tmp_path)
