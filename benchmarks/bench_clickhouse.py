@@ -1,0 +1,275 @@
+"""ClickHouse (chDB): sink rows/s against a bare insert, and live-cohort query times at 1M and 10M
+memberships (issue 6 item 7, issue 9's ClickHouse goals).
+
+    .venv/bin/python benchmarks/bench_clickhouse.py [--batches 10] [--batch 10000] [--memberships 1000000,10000000]
+        [--runs 20] [--only sink,cohort]
+
+(a) sink: ``pipeline.sinks.clickhouse.ClickHouseWriter.write`` of ``--batches`` batches of ``--batch``
+    segment changes (each change is a ``segment_changes`` row, which also feeds ``segment_size_history``
+    through its materialized view, plus a ``segment_membership`` row), then of the same number of
+    profile rows (``customer_profiles``). Profile rows are the columns of realistic profiles (generated
+    traffic decoded and folded by ``processor.step``, see bench_profiles.py) cloned under new ids; changes
+    are drawn over the 50 segments of segments_50.yaml. Ceiling: a bare ``client.insert`` of the same rows,
+    already converted, with explicit column types, into tables of the same columns and engine with no
+    materialized view (``CREATE TABLE ... AS``), in the same chDB.
+(b) cohort: ``segment_membership`` filled by ``INSERT ... SELECT`` from ``numbers()`` (bulk, in parts of
+    1M rows): 50 segments, segment ``s07`` with 100,000 members (plus 10,000 rows of customers that left it
+    and 20,000 superseded older versions); the other 49 share the rest; ``customer_profiles`` holds the
+    1,000,000 customers (the cohort query joins it). Timed, ``--runs`` times each, p50/p99:
+    ``pipeline.cohorts.cohort(client, db, 's07')`` (returns 100,000 dicts) and
+    ``SELECT count() FROM segment_membership FINAL WHERE segment_id = 's07' AND is_member = 1`` and the
+    members alone (the same with ``customer_id, since, profile_version``: no join, no dicts), at 1M
+    memberships, then at 10M (9M rows added to the other segments), then after OPTIMIZE TABLE ... FINAL.
+
+Each part runs in its own process with its own chDB data directory (one chDB path per process),
+under a temporary directory deleted at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+RESULT_PREFIX = "BENCH-RESULT "
+DB = "segments"
+TARGET = "s07"
+TARGET_MEMBERS = 100_000
+CUSTOMERS = 1_000_000
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def timed(fn: Any, runs: int) -> dict[str, float]:
+    fn()  # warm-up, not counted
+    times = []
+    for _ in range(runs):
+        started = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - started) * 1000)
+    return {"p50_ms": round(percentile(times, 0.5), 1), "p99_ms": round(percentile(times, 0.99), 1),
+            "min_ms": round(min(times), 1), "runs": runs}
+
+
+# --- (a) sink -------------------------------------------------------------------------------------
+
+def sink(path: Path, batches: int, batch: int) -> dict[str, Any]:
+    from bench_profiles import clone_id, realistic_profiles
+
+    from pipeline.segments.definitions import load_segments
+    from pipeline.sinks import clickhouse as ch
+
+    _, rows = realistic_profiles(customers=2000, events=80_000, days=180)
+    segment_ids = [s.id for s in load_segments(HERE / "segments_50.yaml")]
+    rng = random.Random(3)
+    now_ms = int(time.time() * 1000)
+    total = batches * batch
+    changes = [{"customer_id": clone_id(rng.randrange(total)), "segment_id": rng.choice(segment_ids),
+                "change": "entered" if rng.random() < 0.7 else "exited", "changed_at": now_ms - rng.randrange(10**9),
+                "profile_version": rng.randrange(1, 200), "cause": f"c9-{i}"} for i in range(total)]
+    profiles = [{**rows[i % len(rows)], "customer_id": clone_id(i)} for i in range(total)]
+    writer = ch.ClickHouseWriter(f"chdb://{path}", DB)
+    client = writer.client  # migrations applied here, outside the timing
+    for table in ("segment_changes", "segment_membership", "customer_profiles"):
+        client.command(f"CREATE TABLE {DB}.bare_{table} AS {DB}.{table}")
+    out: dict[str, Any] = {"batches": batches, "batch": batch}
+
+    def run(name: str, write: Any, rows_per_item: int) -> None:
+        started = time.perf_counter()
+        for b in range(batches):
+            write(b * batch, (b + 1) * batch)
+        seconds = time.perf_counter() - started
+        out[name] = {"items": total, "rows": total * rows_per_item, "seconds": round(seconds, 2),
+                     "items_per_s": round(total / seconds), "rows_per_s": round(total * rows_per_item / seconds)}
+
+    run("writer_changes", lambda a, b: writer.write(changes=changes[a:b]), 2)
+    run("writer_profiles", lambda a, b: writer.write(profiles=profiles[a:b]), 1)
+    change_rows = [[c["customer_id"], c["segment_id"], c["change"], ch._dt(c["changed_at"]), c["profile_version"],
+                    c["cause"]] for c in changes]
+    membership_rows = [[c["segment_id"], c["customer_id"], 1 if c["change"] == "entered" else 0,
+                        ch._dt(c["changed_at"]), c["profile_version"], c["cause"]] for c in changes]
+    profile_rows = [ch.profile_row(p) for p in profiles]
+
+    def bare_changes(a: int, b: int) -> None:
+        client.insert(f"{DB}.bare_segment_changes", change_rows[a:b], column_names=ch.CHANGE_COLUMNS,
+                      column_type_names=ch.CHANGE_TYPES)
+        client.insert(f"{DB}.bare_segment_membership", membership_rows[a:b], column_names=ch.MEMBERSHIP_COLUMNS,
+                      column_type_names=ch.MEMBERSHIP_TYPES)
+
+    run("bare_changes", bare_changes, 2)
+    run("bare_profiles", lambda a, b: client.insert(f"{DB}.bare_customer_profiles", profile_rows[a:b],
+                                                    column_names=ch.PROFILE_COLUMN_NAMES,
+                                                    column_type_names=ch.PROFILE_TYPES), 1)
+    counts = {t: int(client.query(f"SELECT count() FROM {DB}.{t}").result_rows[0][0])
+              for t in ("segment_changes", "segment_membership", "segment_size_history", "customer_profiles",
+                        "bare_segment_changes", "bare_segment_membership", "bare_customer_profiles")}
+    out["table_rows"] = counts
+    return out
+
+
+# --- (b) cohort -------------------------------------------------------------------------------------
+
+MEMBERSHIP_INSERT = f"""INSERT INTO {DB}.segment_membership (segment_id, customer_id, is_member, since,
+    profile_version, cause)
+SELECT {{segment}}, concat('bench-', leftPad(toString({{customer}}), 7, '0')), {{member}},
+    toDateTime64('2026-01-01 00:00:00', 3, 'UTC') + toIntervalSecond(number % 25000000),
+    {{version}}, 'bench'
+FROM numbers({{start}}, {{count}})"""
+
+
+def fill(client: Any, *, segment: str, customer: str, member: str, version: str, start: int, count: int,
+         part: int = 1_000_000) -> None:
+    for offset in range(start, start + count, part):
+        client.command(MEMBERSHIP_INSERT.format(segment=segment, customer=customer, member=member, version=version,
+                                                start=offset, count=min(part, start + count - offset)))
+
+
+def cohort_part(path: Path, sizes: list[int], runs: int) -> dict[str, Any]:
+    from pipeline.cohorts import cohort
+    from pipeline.sinks.clickhouse import ClickHouseWriter
+
+    client = ClickHouseWriter(f"chdb://{path}", DB).client
+    out: dict[str, Any] = {"customers": CUSTOMERS, "target_members": TARGET_MEMBERS, "steps": []}
+    started = time.perf_counter()
+    client.command(f"""INSERT INTO {DB}.customer_profiles (customer_id, anonymous_ids, version, updated_at)
+SELECT concat('bench-', leftPad(toString(number), 7, '0')), [concat('anon-', toString(number))], 1,
+    toDateTime64('2026-01-01 00:00:00', 3, 'UTC') FROM numbers({CUSTOMERS})""")
+    # the target segment: 100k members, 10k customers that left (is_member = 0), 20k superseded versions
+    fill(client, segment=f"'{TARGET}'", customer="number * 7 % 1000000", member="1", version="2", start=0,
+         count=TARGET_MEMBERS)
+    fill(client, segment=f"'{TARGET}'", customer="number * 7 % 1000000", member="0", version="2",
+         start=TARGET_MEMBERS, count=10_000)
+    fill(client, segment=f"'{TARGET}'", customer="number * 7 % 1000000", member="0", version="1", start=0,
+         count=20_000)
+    loaded = TARGET_MEMBERS + 30_000
+    others = "concat('s', leftPad(toString(8 + number % 49), 2, '0'))"  # s08..s56: 49 other segments
+    for size in sizes:
+        add = size - loaded
+        t0 = time.perf_counter()
+        fill(client, segment=others, customer="intDiv(number, 49) % 1000000", member="toUInt8(number % 10 != 0)",
+             version="1", start=loaded, count=add)
+        load_s = time.perf_counter() - t0
+        loaded = size
+        rows = int(client.query(f"SELECT count() FROM {DB}.segment_membership").result_rows[0][0])
+        parts = int(client.query("SELECT count() FROM system.parts WHERE database = %(db)s AND "
+                                 "table = 'segment_membership' AND active", parameters={"db": DB}).result_rows[0][0])
+        members = len(cohort(client, DB, TARGET))
+        count_sql = (f"SELECT count() FROM {DB}.segment_membership FINAL WHERE segment_id = '{TARGET}' "
+                     "AND is_member = 1")
+        counted = int(client.query(count_sql).result_rows[0][0])
+        list_sql = (f"SELECT customer_id, since, profile_version FROM {DB}.segment_membership FINAL "
+                    f"WHERE segment_id = '{TARGET}' AND is_member = 1")
+        step = {"memberships": rows, "active_parts": parts, "load_s": round(load_s, 1), "cohort_members": members,
+                "count_final": counted, "cohort": timed(lambda: cohort(client, DB, TARGET), runs),
+                "count": timed(lambda q=count_sql: client.query(q), runs),
+                "members_only": timed(lambda q=list_sql: client.query(q), runs)}
+        out["steps"].append(step)
+        print(f"  {rows:,} memberships ({parts} parts): cohort p50 {step['cohort']['p50_ms']} ms, "
+              f"count p50 {step['count']['p50_ms']} ms", file=sys.stderr, flush=True)
+        if size == sizes[-1]:
+            t0 = time.perf_counter()
+            client.command(f"OPTIMIZE TABLE {DB}.segment_membership FINAL")
+            optimize_s = time.perf_counter() - t0
+            rows = int(client.query(f"SELECT count() FROM {DB}.segment_membership").result_rows[0][0])
+            step = {"memberships": rows, "after_optimize": True, "optimize_s": round(optimize_s, 1),
+                    "cohort_members": len(cohort(client, DB, TARGET)),
+                    "count_final": int(client.query(count_sql).result_rows[0][0]),
+                    "cohort": timed(lambda: cohort(client, DB, TARGET), runs),
+                    "count": timed(lambda q=count_sql: client.query(q), runs),
+                "members_only": timed(lambda q=list_sql: client.query(q), runs)}
+            out["steps"].append(step)
+    out["total_s"] = round(time.perf_counter() - started, 1)
+    return out
+
+
+# --- driver ---------------------------------------------------------------------------------------
+
+def child(args: argparse.Namespace) -> None:
+    if args.part == "sink":
+        result = sink(args.path, args.batches, args.batch)
+    else:
+        result = cohort_part(args.path, [int(s) for s in args.memberships.split(",")], args.runs)
+    sys.stdout.write(RESULT_PREFIX + json.dumps(result, default=str) + "\n")
+    sys.stdout.flush()
+
+
+def run_child(part: str, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
+    command = [sys.executable, __file__, "--part", part, "--path", str(tmp / part), "--batches", str(args.batches),
+               "--batch", str(args.batch), "--memberships", args.memberships, "--runs", str(args.runs)]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, cwd=HERE.parent)
+    try:
+        stdout, _ = process.communicate(timeout=args.timeout)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    for line in stdout.splitlines():
+        if line.startswith(RESULT_PREFIX):
+            return dict(json.loads(line[len(RESULT_PREFIX):]))
+    raise RuntimeError(f"{part}: no result (exit {process.returncode})")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--batches", type=int, default=10)
+    parser.add_argument("--batch", type=int, default=10_000)
+    parser.add_argument("--memberships", default="1000000,10000000")
+    parser.add_argument("--runs", type=int, default=20)
+    parser.add_argument("--only", default="sink,cohort")
+    parser.add_argument("--timeout", type=float, default=900.0)
+    parser.add_argument("--part", choices=["sink", "cohort"], help=argparse.SUPPRESS)
+    parser.add_argument("--path", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--out", type=Path, default=HERE / "results" / "clickhouse.json")
+    args = parser.parse_args()
+    if args.part:
+        child(args)
+        return
+    load_before = os.getloadavg()
+    started = time.time()
+    out: dict[str, Any] = {"date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), "cpus": os.cpu_count()}
+    tmp = Path(tempfile.mkdtemp(prefix="bench-clickhouse-"))
+    try:
+        for part in args.only.split(","):
+            print(f"[{time.strftime('%H:%M:%S')}] {part} ...", flush=True)
+            out[part] = run_child(part, args, tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if "sink" in out:
+        s = out["sink"]
+        print(f"\n(a) sink, {s['batches']} batches of {s['batch']:,}")
+        print(f"    {'what':<40}{'rows/s':>10}{'bare rows/s':>13}{'ratio':>7}")
+        for name, writer, bare in (("changes (+ membership rows, + MV)", "writer_changes", "bare_changes"),
+                                   ("profiles", "writer_profiles", "bare_profiles")):
+            w, b = s[writer]["rows_per_s"], s[bare]["rows_per_s"]
+            print(f"    {name:<40}{w:>10,}{b:>13,}{w / b:>7.2f}")
+    if "cohort" in out:
+        print(f"\n(b) live cohort of {TARGET_MEMBERS:,} members ({out['cohort']['total_s']} s in all)")
+        print(f"    {'memberships':>12}{'optimized':>10}{'cohort p50':>11}{'p99':>8}{'count p50':>10}{'p99':>8}"
+              f"{'members p50':>12}")
+        for st in out["cohort"]["steps"]:
+            print(f"    {st['memberships']:>12,}{str(st.get('after_optimize', False)):>10}"
+                  f"{st['cohort']['p50_ms']:>11}{st['cohort']['p99_ms']:>8}{st['count']['p50_ms']:>10}"
+                  f"{st['count']['p99_ms']:>8}{st['members_only']['p50_ms']:>12}")
+    out["load_before"] = load_before
+    out["load_after"] = os.getloadavg()
+    out["wall_s"] = round(time.time() - started)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(out, indent=2, default=str))
+    print(f"\nwritten {args.out} ({out['wall_s']} s; load {load_before[0]:.2f} -> {out['load_after'][0]:.2f})")
+
+
+if __name__ == "__main__":
+    main()

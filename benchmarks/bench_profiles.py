@@ -1,0 +1,411 @@
+"""Profiles: bytes per profile (resident and serialized), profile-fold rate per core, and the time a
+worker takes to recover its profile table from the changelog (issue 4 items 4 and 8, issue 9 goals).
+
+    .venv/bin/python benchmarks/bench_profiles.py [--profiles 1000000] [--templates 2000]
+        [--recovery 100000,300000] [--stores memory,rocksdb] [--only size,fold,recovery]
+
+Realistic profiles: ``pipeline.generate.traffic(extended=True)`` (seeded; identities, e-mails, refunds,
+tickets, surveys) for ``--templates`` customers over ``--days`` days of event time, each message decoded
+by ``pipeline.decode.decode``, keyed by ``pipeline.identity.routing_key`` and folded by
+``pipeline.processor.step`` with the default segments, then ``schedule`` (as the worker does). The
+profiles obtained are the templates; ``--profiles`` profiles are clones of them under new customer ids
+(``bench-0000001``...), each decoded from its own JSON (no shared objects, as a worker holds them).
+
+(a) size: resident = RSS growth while building a dict of ``--profiles`` ProfileState objects, divided by
+    the count (the mean; the p99 is the deep ``sys.getsizeof`` of the templates, weighted as cloned);
+    serialized = ``len(pipeline.app._encode_state(state))``, the JSON bytes the worker stores (table
+    value and changelog message), mean and p99 over all profiles.
+(b) fold rate: ``step()`` calls per second on one core over the decoded events, with the default
+    segments and with benchmarks/segments_50.yaml, also with ``schedule`` after each step (the worker's
+    per-event work). Ceiling: ``fold`` alone (the profile update without any segment evaluation).
+(c) recovery: an embedded broker; the changelog topic the worker's ``profiles`` table uses
+    (``<app_id>-profiles-changelog``, PIPELINE_PARTITIONS partitions, compacted, created here first as
+    faust would) filled with N records (key = customer id, value = the serialized state, on the partition
+    the worker's partitioner gives the key); then ``python -m pipeline worker`` with that app id, one
+    run per store, timed from its start to the first 200 of GET /ready. Completeness: GET /profiles/{id}
+    must answer 200 for the last 25 ids written to each partition (the embedded broker under-reports end
+    offsets, DESIGN §3: recovery must not stop short) and for 200 random ids. Ceiling: a bare
+    kafka-python consumer reading the same changelog to its end (counting records, not end offsets).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import gc
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+import uuid
+from pathlib import Path
+from typing import Any
+
+from benchlib import status_kib
+
+from pipeline.app import _encode_state, partition_for_key
+from pipeline.broker.embedded import EmbeddedBroker, free_port
+from pipeline.decode import decode
+from pipeline.events import DeadLetter, Event
+from pipeline.generate import traffic
+from pipeline.identity import routing_key
+from pipeline.processes import stop_process
+from pipeline.processor import Config, schedule, step
+from pipeline.profile import ProfileState, fold
+from pipeline.segments.definitions import Segment, load_segments
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+DAY_MS = 86_400_000
+
+
+# --- realistic profiles ---------------------------------------------------------------------------
+
+def realistic_events(*, customers: int, events: int, days: int, seed: int = 9) -> tuple[list[tuple[str, Event]], int]:
+    """(key, event) pairs decoded from generated traffic spanning ``days`` up to now, and now (ms)."""
+    now_ms = int(time.time() * 1000)
+    step_ms = days * DAY_MS // events
+    start_ms = now_ms - days * DAY_MS - 60_000
+    out: list[tuple[str, Event]] = []
+    for message in traffic(customers=customers, seed=seed, start_ms=start_ms, step_ms=step_ms, extended=True):
+        result = decode(message.topic, message.value, now_ms=now_ms)
+        if not isinstance(result, DeadLetter):
+            key = routing_key(customer_id=result.customer_id, loyalty_id=result.loyalty_id,
+                              email_hash=result.email_hash, anonymous_id=result.anonymous_id)
+            if key:
+                out.append((key, result))
+        if len(out) >= events:
+            break
+    return out, now_ms
+
+
+def realistic_profiles(*, customers: int = 2000, events: int = 80_000, days: int = 180,
+                       segments: list[Segment] | None = None) -> tuple[list[ProfileState], list[Any]]:
+    """Profiles folded from generated traffic (the templates) and the rows (columns) they last emitted."""
+    segments = segments if segments is not None else load_segments(None)
+    config = Config()
+    pairs, _ = realistic_events(customers=customers, events=events, days=days)
+    states: dict[str, ProfileState] = {}
+    rows: dict[str, Any] = {}
+    for key, event in pairs:
+        result = step(states.get(key), key, event, event.occurred_at, segments, config)
+        states[key] = result.state
+        if result.row is not None:
+            rows[key] = result.row
+    last = max(e.occurred_at for _, e in pairs)
+    for state in states.values():
+        schedule(state, max(last, state.updated_at), segments, config)
+    return list(states.values()), [rows[k] for k in states if k in rows]
+
+
+def clone_id(i: int) -> str:
+    return f"bench-{i:07d}"
+
+
+def clone(template_json: dict[str, Any], customer_id: str) -> ProfileState:
+    data = json.loads(json.dumps(template_json))  # fresh objects, as decoded by a worker
+    data["customer_id"] = customer_id
+    return ProfileState.from_dict(data)
+
+
+def deep_size(obj: Any, seen: set[int] | None = None) -> int:
+    seen = set() if seen is None else seen
+    if id(obj) in seen:
+        return 0
+    seen.add(id(obj))
+    size = sys.getsizeof(obj)
+    if isinstance(obj, dict):
+        size += sum(deep_size(k, seen) + deep_size(v, seen) for k, v in obj.items())
+    elif isinstance(obj, (list, tuple, set)):
+        size += sum(deep_size(v, seen) for v in obj)
+    elif hasattr(obj, "__slots__"):
+        size += sum(deep_size(getattr(obj, s), seen) for s in obj.__slots__ if hasattr(obj, s))
+    return size
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+# --- (a) size ------------------------------------------------------------------------------------
+
+def measure_size(templates: list[ProfileState], count: int) -> dict[str, Any]:
+    template_json = [t.to_dict() for t in templates]
+    serialized_t = [len(_encode_state(t)) for t in templates]
+    deep_t = [deep_size(t) for t in templates]
+    gc.collect()
+    rss_before = status_kib("VmRSS")
+    started = time.perf_counter()
+    table: dict[bytes, ProfileState] = {}
+    for i in range(count):
+        cid = clone_id(i)
+        table[cid.encode()] = clone(template_json[i % len(templates)], cid)
+    build_s = time.perf_counter() - started
+    gc.collect()
+    rss_after = status_kib("VmRSS")
+    serialized = [len(_encode_state(state)) for state in table.values()]
+    weights = [deep_t[i % len(templates)] + sys.getsizeof(clone_id(i).encode()) for i in range(count)]
+    resident_mean = (rss_after - rss_before) * 1024 / count
+    del table
+    gc.collect()
+    return {
+        "profiles": count, "templates": len(templates), "build_s": round(build_s, 1),
+        "rss_delta_mib": round((rss_after - rss_before) / 1024, 1),
+        "resident_mean_b": round(resident_mean), "resident_deep_mean_b": round(sum(weights) / count),
+        "resident_deep_p99_b": round(percentile(weights, 0.99)),
+        "serialized_mean_b": round(sum(serialized) / count), "serialized_p50_b": round(percentile(serialized, 0.5)),
+        "serialized_p99_b": round(percentile(serialized, 0.99)), "serialized_max_b": max(serialized),
+        "template_serialized_p99_b": round(percentile(serialized_t, 0.99)),
+        "template_deep_mean_b": round(sum(deep_t) / len(deep_t)),
+    }
+
+
+# --- (b) fold rate -------------------------------------------------------------------------------
+
+def measure_fold(pairs: list[tuple[str, Event]], segment_sets: dict[str, list[Segment]]) -> list[dict[str, Any]]:
+    config = Config()
+    rows = []
+    states: dict[str, ProfileState] = {}
+    started = time.process_time()
+    for key, event in pairs:
+        state = states.get(key)
+        if state is None:
+            state = states[key] = ProfileState(customer_id=key)
+        fold(state, event, event.occurred_at)
+    cpu = time.process_time() - started
+    rows.append({"variant": "fold only (ceiling)", "segments": 0, "calls": len(pairs),
+                 "per_s": round(len(pairs) / cpu), "us_per_call": round(cpu / len(pairs) * 1e6, 1)})
+    for name, segments in segment_sets.items():
+        for with_schedule in (False, True):
+            states = {}
+            started = time.process_time()
+            for key, event in pairs:
+                result = step(states.get(key), key, event, event.occurred_at, segments, config)
+                states[key] = result.state
+                if with_schedule and not result.duplicate:
+                    schedule(result.state, event.occurred_at, segments, config)
+            cpu = time.process_time() - started
+            rows.append({"variant": f"step{' + schedule' if with_schedule else ''}, {name}",
+                         "segments": len(segments), "calls": len(pairs), "per_s": round(len(pairs) / cpu),
+                         "us_per_call": round(cpu / len(pairs) * 1e6, 1)})
+    return rows
+
+
+# --- (c) recovery --------------------------------------------------------------------------------
+
+def _get(url: str, timeout: float = 5.0) -> int:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            return int(response.status)
+    except urllib.error.HTTPError as exc:
+        return int(exc.code)
+    except (urllib.error.URLError, OSError):
+        return 0
+
+
+def fill_changelog(bootstrap: str, topic: str, partitions: int, templates: list[ProfileState],
+                   count: int) -> tuple[dict[int, list[str]], int, float]:
+    """Write ``count`` profile records; returns the last ids per partition, the bytes and the seconds."""
+    from kafka import KafkaAdminClient, KafkaProducer
+    from kafka.admin import NewTopic
+
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap, client_id="bench-admin")
+    try:  # as faust declares a table's changelog: compacted, the table's partition count
+        admin.create_topics([NewTopic(topic, partitions, 1, topic_configs={"cleanup.policy": "compact"})])
+    finally:
+        admin.close()
+    template_json = [t.to_dict() for t in templates]
+    producer = KafkaProducer(bootstrap_servers=bootstrap, linger_ms=20, acks=1, batch_size=1024 * 1024,
+                             max_request_size=8 * 1024 * 1024)
+    last: dict[int, list[str]] = {p: [] for p in range(partitions)}
+    total = 0
+    started = time.perf_counter()
+    try:
+        for i in range(count):
+            cid = clone_id(i)
+            key = cid.encode()
+            value = _encode_state(clone(template_json[i % len(template_json)], cid))
+            partition = partition_for_key(key, partitions)
+            producer.send(topic, key=key, value=value, partition=partition)
+            last[partition].append(cid)
+            if len(last[partition]) > 25:
+                del last[partition][0]
+            total += len(value)
+        producer.flush()
+    finally:
+        producer.close()
+    return last, total, time.perf_counter() - started
+
+
+def bare_read(bootstrap: str, topic: str, partitions: int, count: int, timeout: float) -> float:
+    """Ceiling: a bare consumer reading the changelog from the start until it has ``count`` records."""
+    from kafka import KafkaConsumer, TopicPartition
+
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, group_id=None,
+                             max_partition_fetch_bytes=8 * 1024 * 1024, fetch_max_bytes=64 * 1024 * 1024)
+    try:
+        tps = [TopicPartition(topic, p) for p in range(partitions)]
+        consumer.assign(tps)
+        consumer.seek_to_beginning(*tps)
+        started = time.perf_counter()
+        seen = 0
+        while seen < count:
+            if time.perf_counter() - started > timeout:
+                raise RuntimeError(f"bare read: {seen} of {count} records after {timeout} s")
+            for records in consumer.poll(timeout_ms=500, max_records=100_000).values():
+                seen += len(records)
+        return time.perf_counter() - started
+    finally:
+        consumer.close()
+
+
+def recover(broker: EmbeddedBroker, tmp: Path, app_id: str, partitions: int, store: str,
+            last: dict[int, list[str]], count: int, timeout: float) -> dict[str, Any]:
+    port = free_port()
+    data = tmp / f"worker-{store.rstrip(':/')}-{count}"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PIPELINE_")}
+    env.update({"PIPELINE_BROKER": broker.url, "PIPELINE_APP_ID": app_id, "PIPELINE_DATA_DIR": str(data),
+                "PIPELINE_TOPIC_PREFIX": f"{app_id}-", "PIPELINE_PARTITIONS": str(partitions),
+                "PIPELINE_STORE": store, "PIPELINE_HTTP_PORT": str(port), "PIPELINE_LOG_LEVEL": "warning"})
+    log_path = tmp / f"worker-{store.rstrip(':/')}-{count}.log"
+    base = f"http://127.0.0.1:{port}"
+    with open(log_path, "wb") as log:
+        started = time.perf_counter()
+        worker = subprocess.Popen([sys.executable, "-m", "pipeline", "worker"], cwd=ROOT, env=env, stdout=log,
+                                  stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+    try:
+        http_at = None
+        while True:
+            elapsed = time.perf_counter() - started
+            if worker.poll() is not None:
+                raise RuntimeError(f"worker exited with {worker.returncode}: see {log_path}")
+            if elapsed > timeout:
+                raise RuntimeError(f"worker not ready after {timeout} s: see {log_path}")
+            status = _get(base + "/ready", timeout=2)
+            if status and http_at is None:
+                http_at = elapsed
+            if status == 200:
+                break
+            time.sleep(0.1)
+        ready_s = time.perf_counter() - started
+        peak_rss = status_kib("VmHWM", worker.pid)
+        last_ids = [cid for ids in last.values() for cid in ids]
+        rng = random.Random(1)
+        others = [clone_id(i) for i in range(count)] if count <= 20_000 else \
+            [clone_id(rng.randrange(count)) for _ in range(2000)]
+        missing_last = [cid for cid in last_ids if _get(f"{base}/profiles/{cid}", timeout=30) != 200]
+        missing_others = sum(_get(f"{base}/profiles/{cid}", timeout=30) != 200 for cid in others)
+        time.sleep(5)  # do the missing ones arrive later? (they should not be missing at all)
+        still_missing = [cid for cid in missing_last if _get(f"{base}/profiles/{cid}") != 200]
+        return {"store": store, "profiles": count, "ready_s": round(ready_s, 1),
+                "http_up_s": round(http_at, 1) if http_at is not None else None,
+                "per_s": round(count / ready_s), "last_checked": len(last_ids), "last_missing": len(missing_last),
+                "last_missing_ids": missing_last[:10], "last_missing_5s_later": len(still_missing),
+                "others_checked": len(others), "others_missing": missing_others,
+                "complete": not missing_last and not missing_others, "peak_rss_mib": round(peak_rss / 1024)}
+    finally:
+        stop_process(worker, timeout=30)
+
+
+def measure_recovery(templates: list[ProfileState], counts: list[int], stores: list[str], partitions: int,
+                     timeout: float) -> list[dict[str, Any]]:
+    tmp = Path(tempfile.mkdtemp(prefix="bench-profiles-"))
+    broker = EmbeddedBroker(tmp / "broker")
+    rows: list[dict[str, Any]] = []
+    failed = True
+    try:
+        broker.start()
+        for count in counts:
+            app_id = f"bench-recovery-{uuid.uuid4().hex[:6]}"
+            topic = f"{app_id}-profiles-changelog"
+            last, total, produce_s = fill_changelog(broker.bootstrap, topic, partitions, templates, count)
+            print(f"  wrote {count:,} profile records ({total / 2**20:.0f} MiB) to {topic} in {produce_s:.0f} s",
+                  flush=True)
+            bare_s = bare_read(broker.bootstrap, topic, partitions, count, timeout)
+            rows.append({"store": "bare consumer (ceiling)", "profiles": count, "ready_s": round(bare_s, 1),
+                         "per_s": round(count / bare_s), "complete": True, "bytes": total})
+            print(f"  bare consumer read them in {bare_s:.1f} s", flush=True)
+            for store in stores:  # the same app id: each run with its own data dir (a cold start)
+                row = recover(broker, tmp, app_id, partitions, store, last, count, timeout)
+                rows.append(row)
+                print(f"  {store}: ready in {row['ready_s']} s; missing: {row['last_missing']} of the "
+                      f"{row['last_checked']} last ids written, {row['others_missing']} of {row['others_checked']} "
+                      f"other ids", flush=True)
+        failed = False
+    finally:
+        broker.stop()
+        if failed:
+            logs = HERE / "results" / "logs"
+            logs.mkdir(parents=True, exist_ok=True)
+            for log in tmp.glob("*.log"):
+                shutil.copy(log, logs / f"profiles-{log.name}")
+            print(f"failed: logs copied to {logs}", file=sys.stderr)
+        shutil.rmtree(tmp, ignore_errors=True)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--profiles", type=int, default=1_000_000)
+    parser.add_argument("--templates", type=int, default=2000, help="generated customers (distinct profiles)")
+    parser.add_argument("--events", type=int, default=80_000, help="generated events folded into the templates")
+    parser.add_argument("--days", type=int, default=180, help="days of event time the events span")
+    parser.add_argument("--recovery", default="100000,300000", help="profile counts to recover (comma-separated)")
+    parser.add_argument("--stores", default="memory,rocksdb")
+    parser.add_argument("--partitions", type=int, default=4)
+    parser.add_argument("--timeout", type=float, default=900.0, help="seconds a recovery may take")
+    parser.add_argument("--only", default="size,fold,recovery")
+    parser.add_argument("--out", type=Path, default=HERE / "results" / "profiles.json")
+    args = parser.parse_args()
+    only = set(args.only.split(","))
+    load_before = os.getloadavg()
+    started = time.time()
+    default_segments = load_segments(None)
+    fifty = load_segments(HERE / "segments_50.yaml")
+    pairs, _ = realistic_events(customers=args.templates, events=args.events, days=args.days)
+    templates, _ = realistic_profiles(customers=args.templates, events=args.events, days=args.days,
+                                      segments=default_segments)
+    print(f"{len(templates):,} template profiles from {len(pairs):,} events ({args.templates:,} generated customers, "
+          f"{args.days} days)", flush=True)
+    out: dict[str, Any] = {"date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+                           "cpus": os.cpu_count(), "templates": len(templates), "events": len(pairs),
+                           "days": args.days}
+    if "size" in only:
+        size = measure_size(templates, args.profiles)
+        out["size"] = size
+        print(f"\n(a) {size['profiles']:,} profiles in a dict: RSS +{size['rss_delta_mib']} MiB = "
+              f"{size['resident_mean_b']} B/profile resident (deep getsizeof mean {size['resident_deep_mean_b']} B, "
+              f"p99 {size['resident_deep_p99_b']} B); serialized mean {size['serialized_mean_b']} B, "
+              f"p99 {size['serialized_p99_b']} B (goals: <= 1,024 B resident, <= 300 B serialized)", flush=True)
+    if "fold" in only:
+        fold_rows = measure_fold(pairs, {"default": default_segments, "segments_50": fifty})
+        out["fold"] = fold_rows
+        print(f"\n(b) {'variant':<36}{'segments':>9}{'calls/s':>10}{'µs/call':>9}")
+        for r in fold_rows:
+            print(f"    {r['variant']:<36}{r['segments']:>9}{r['per_s']:>10,}{r['us_per_call']:>9}")
+    if "recovery" in only:
+        counts = [int(c) for c in args.recovery.split(",") if c]
+        stores = [f"{s}://" for s in args.stores.split(",")]
+        print("\n(c) recovery", flush=True)
+        rec = measure_recovery(templates, counts, stores, args.partitions, args.timeout)
+        out["recovery"] = rec
+        print(f"    {'store':<26}{'profiles':>10}{'ready s':>9}{'profiles/s':>12}{'complete':>10}")
+        for r in rec:
+            print(f"    {r['store']:<26}{r['profiles']:>10,}{r['ready_s']:>9}{r['per_s']:>12,}{str(r['complete']):>10}")
+    out["load_before"] = load_before
+    out["load_after"] = os.getloadavg()
+    out["wall_s"] = round(time.time() - started)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(out, indent=2))
+    print(f"\nwritten {args.out} ({out['wall_s']} s; load {load_before[0]:.2f} -> {out['load_after'][0]:.2f})")
+
+
+if __name__ == "__main__":
+    main()
