@@ -163,6 +163,8 @@ class Definitions:
 
 def create_app(settings: Settings, segments: Sequence[Segment]) -> faust.App:
     settings.data_dir.mkdir(parents=True, exist_ok=True)
+    # Shared with the other workers through the group's assignment: where each one's API is.
+    web_identity: dict[str, Any] = {"canonical_url": settings.advertised_url} if settings.http_port else {}
     app = faust.App(
         settings.app_id,
         broker=settings.broker.replace(",", ";kafka://"),
@@ -175,6 +177,7 @@ def create_app(settings: Settings, segments: Sequence[Segment]) -> faust.App:
         # partition's persisted offset is not past the changelog's end would stop every restart.
         recovery_consistency_check=False,
         broker_credentials=settings.faust_credentials(),
+        **web_identity,
         topic_allow_declare=True,
         key_serializer="raw",
         value_serializer="raw",
@@ -235,12 +238,17 @@ def create_app(settings: Settings, segments: Sequence[Segment]) -> faust.App:
             for target in targets for p in range(marker.partitions)
         ])
 
-    async def emit(key: bytes, result: StepResult, sends: list[Any]) -> None:
+    async def emit(key: bytes, result: StepResult, sends: list[Any],
+                   rows: dict[bytes, dict[str, Any]] | None = None) -> None:
+        """Send the changes; the profile row now, or into ``rows`` to send once per key per batch."""
         metrics.segment_changes_sent(result.changes)
         for change in result.changes:
             sends.append(await changes_topic.send(key=key, value=codecs.encode_change(change.to_dict())))
         if result.row is not None:
-            sends.append(await profiles_topic.send(key=key, value=codecs.encode_profile(result.row)))
+            if rows is not None:
+                rows[key] = result.row  # a later row of the same customer in the batch supersedes it
+            else:
+                sends.append(await profiles_topic.send(key=key, value=codecs.encode_profile(result.row)))
 
     @app.agent(inputs)
     async def ingest(stream: Any) -> None:
@@ -320,6 +328,7 @@ def create_app(settings: Settings, segments: Sequence[Segment]) -> faust.App:
             self.aliases: dict[bytes, tuple[int, Alias | None]] = {}
             self.sends: list[Any] = []
             self.events: dict[bytes, list[dict[str, Any]]] = {}  # folded in this batch, per profile key
+            self.rows: dict[bytes, dict[str, Any]] = {}  # the latest profile row per key, sent once
             self.partition = -1  # of the message being handled
             self.sent_from: set[int] = set()  # partitions whose messages led to commands
 
@@ -344,6 +353,7 @@ def create_app(settings: Settings, segments: Sequence[Segment]) -> faust.App:
             """The profile under ``key`` is gone (``merge`` or ``erase``): tombstones now, in order
             after what was sent for it so far in this batch and before anything that follows."""
             self.set_profile(key, partition, None, at, op)
+            self.rows.pop(key, None)  # superseded by the tombstone
             tombstone = [(OP_HEADER, op.encode()), (AT_HEADER, str(at).encode())]
             self.sends.append(await profiles_topic.send(key=key, value=None, headers=tombstone))
             if op == "erase":  # subscribers and ClickHouse forget its changes (after its exits) and events
@@ -403,9 +413,11 @@ def create_app(settings: Settings, segments: Sequence[Segment]) -> faust.App:
             # fell due while the rest of the batch moved the clock on.
             state.definitions = definitions.fingerprint
             schedule(state, evaluated_at, definitions.current, config)
-            await emit(key, advance(state, clock.now_ms(partition), definitions.current, config), sends)
+            await emit(key, advance(state, clock.now_ms(partition), definitions.current, config), sends, b.rows)
             timers.put(partition, key, state.next_check_at)
             writes.append((store, key, partition, _encode_state(state)))
+        for key, row in b.rows.items():
+            sends.append(await profiles_topic.send(key=key, value=codecs.encode_profile(row)))
         for partition in b.sent_from:
             busy_since_marker.add(partition)
         final = [(p, m) for p, m in completed if m.round > 0 and not markers_in.busy(m.run_id, (m.round, p))]
@@ -461,7 +473,7 @@ def create_app(settings: Settings, segments: Sequence[Segment]) -> faust.App:
             schedule(state, b.profiles[key][2], definitions.current, config)
         if state is not None and state.next_check_at is not None and state.next_check_at <= now_ms:
             # Transitions that fell due before this event are time's, at their own instants.
-            await emit(key, advance(state, now_ms, definitions.current, config), b.sends)
+            await emit(key, advance(state, now_ms, definitions.current, config), b.sends, b.rows)
         known = {*alias_keys(state), *state.merged_keys} if state is not None else set()
         result = step(state, name, customer_event, now_ms, definitions.current, config,
                       incremental=state is not None and state.definitions == definitions.fingerprint)
@@ -469,7 +481,7 @@ def create_app(settings: Settings, segments: Sequence[Segment]) -> faust.App:
             metrics.duplicate()
             return
         b.set_profile(key, partition, result.state, now_ms)
-        await emit(key, result, b.sends)
+        await emit(key, result, b.sends, b.rows)
         if settings.store_events:
             b.events.setdefault(key, []).append(customer_event.to_dict())
         for ident in identifiers_of(customer_event):
@@ -490,7 +502,7 @@ def create_app(settings: Settings, segments: Sequence[Segment]) -> faust.App:
             metrics.merge()
             now_ms = evaluation_time(command.at, own)
             released = release(own, now_ms, cause="merge")
-            await emit(key, released, b.sends)
+            await emit(key, released, b.sends, b.rows)
             await b.forget(key, partition, now_ms, "merge")
             await b.command(Command("merge", outcome.alias.to, source=command.key, state=own.to_dict(), at=now_ms,
                                     cause=command.cause))
@@ -516,7 +528,7 @@ def create_app(settings: Settings, segments: Sequence[Segment]) -> faust.App:
         if result.duplicate:
             return
         b.set_profile(key, partition, result.state, now_ms)
-        await emit(key, result, b.sends)
+        await emit(key, result, b.sends, b.rows)
 
     async def _on_erase(b: Batch, key: bytes, partition: int, command: Command) -> None:
         state = b.profile(key, partition)
@@ -535,7 +547,7 @@ def create_app(settings: Settings, segments: Sequence[Segment]) -> faust.App:
         linked = set(identifiers)
         if state is not None:
             linked |= {*alias_keys(state), *state.merged_keys}
-            await emit(key, release(state, now_ms, cause="erasure"), b.sends)
+            await emit(key, release(state, now_ms, cause="erasure"), b.sends, b.rows)
         await b.forget(key, partition, now_ms, "erase")
         b.set_alias(key, partition, Alias("", erased_at=now_ms))
         for other in sorted(linked - {name}):
@@ -763,11 +775,19 @@ def create_app(settings: Settings, segments: Sequence[Segment]) -> faust.App:
         assigned = any(tp.topic == topic for tp in app.assignor.assigned_actives())
         return assigned and not app.rebalancing and not app.in_recovery
 
+    def owner(customer_id: str) -> str | None:
+        """The API URL of the worker that owns this customer's partition (None: this one, or unknown)."""
+        try:
+            url = str(app.router.key_store("profiles", customer_id.encode())).rstrip("/")
+        except Exception:  # noqa: BLE001 - no assignment yet: answer locally
+            return None
+        return None if url == settings.advertised_url else url
+
     backend = WorkerBackend(
         segments=lambda: definitions.current, lookup=lookup,
         now_ms=lambda customer_id: clock.now_ms(partition_for_key(customer_id.encode(), partitions)),
         members=members, sizes=sizes, ready=ready, half_life_days=settings.affinity_half_life_days,
-        dashboard=dashboard)
+        dashboard=dashboard, owner=owner if settings.http_port else None)
 
     if settings.http_port:
         @app.task

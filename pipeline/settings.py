@@ -61,6 +61,9 @@ class Settings(BaseSettings):
         "wall", description="now(): wall time, or the event-time watermark (replays)."
     )
     http_port: int = Field(6066, ge=0, le=65535, description="Port of the worker's HTTP API (0: disabled).")
+    http_advertised_url: str | None = Field(
+        None, description="URL other workers use to reach this worker's HTTP API (profile requests are proxied to "
+        "the worker that owns the customer). Default: http://<http_host, or this host's name for 0.0.0.0>:<http_port>.")
     http_host: str = Field("127.0.0.1", description="Address the HTTP API listens on; 0.0.0.0 in a container "
                            "so probes and Prometheus can reach it.")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level.")
@@ -165,6 +168,15 @@ class Settings(BaseSettings):
     @property
     def embedded_clickhouse(self) -> bool:
         return self.clickhouse_dsn.startswith("chdb://")
+
+    @property
+    def advertised_url(self) -> str:
+        if self.http_advertised_url:
+            return self.http_advertised_url.rstrip("/")
+        import socket
+
+        host = socket.gethostname() if self.http_host in ("0.0.0.0", "::") else self.http_host
+        return f"http://{host}:{self.http_port}"
 
     def ssl_context(self) -> Any:
         """The TLS context for SSL/SASL_SSL (None otherwise)."""

@@ -110,6 +110,16 @@ def test_two_workers_split_then_one_takes_over(broker, unique, tmp_path):
             consumer = topic_consumer(broker, f"{prefix}segment-changes", partitions=4)
             send(first, prefix)
             wait_for(consumer, expected_members(first, segments), [a, b], [tmp_path / "a", tmp_path / "b"])
+            # Either worker answers for every customer: requests for the other's are proxied to it.
+            customers = sorted({customer for _, customer, _ in first})
+            for env in (env_a, env_b):
+                served = {}
+                for customer in customers:
+                    with urllib.request.urlopen(f"http://127.0.0.1:{env['PIPELINE_HTTP_PORT']}/profiles/{customer}",
+                                                timeout=30) as response:
+                        served[customer] = response.headers.get("X-Pipeline-Served-By", "")
+                        assert json.loads(response.read())["customer_id"] == customer
+                assert len(set(served.values())) == 2, served  # both workers served some
             a.send_signal(signal.SIGKILL)
             a.wait()
             send(second, prefix)
