@@ -30,6 +30,8 @@ test: $(STAMP) lint ## the whole suite, ruff and mypy included
 bench: $(STAMP) ## run the benchmarks (figures printed and written to benchmarks/results/)
 	$(BIN)/python -m pip install --quiet -e '.[test,bench]'
 	$(BIN)/python benchmarks/bench_decode.py
+	$(BIN)/python benchmarks/bench_clickhouse.py
+	$(BIN)/python benchmarks/bench_profiles.py --recovery 100000
 	$(BIN)/python benchmarks/bench_pipeline.py
 
 clean: ## remove the virtualenv and local data
