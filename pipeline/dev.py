@@ -54,6 +54,9 @@ def run_dev(settings: Settings, *, rate: float = 200.0, customers: int = 500, se
                                   env=environment_for_child(child_settings), stdout=log, stderr=subprocess.STDOUT,
                                   start_new_session=True)
         console.print(f"broker {broker.bootstrap}, worker pid {worker.pid}, logs in {data_dir}/")
+        if settings.http_port:
+            console.print(f"dashboard and API: http://{settings.http_host}:{settings.http_port}/ "
+                          "(docs/api.md)", highlight=False)
         producer = KafkaProducer(bootstrap_servers=broker.bootstrap, linger_ms=20)
         consumer = KafkaConsumer(bootstrap_servers=broker.bootstrap, consumer_timeout_ms=100)
         changes_topic = settings.topic(SEGMENT_CHANGES)
