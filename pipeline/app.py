@@ -369,16 +369,13 @@ def create_app(settings: Settings, segments: Sequence[Segment]) -> faust.App:
             self.sends.append(await customer_events.send(key=command.key.encode(), value=command.encode(),
                                                          headers=headers))
 
-    def evaluation_time(at: int, state: ProfileState | None) -> int:
-        return clock.evaluation_time(at, state)
-
     async def _fold_batch(batch: Sequence[Any]) -> None:
         b = Batch()
         completed: list[tuple[int, Marker]] = []
         for event in batch:
             message = event.message
             key, partition = message.key, message.partition
-            headers = dict(message.headers.items() if isinstance(message.headers, dict) else message.headers or ())
+            headers = _headers(message)
             if headers.get(HEADER) == MARKER:
                 marker = Marker.decode(message.value)
                 expected = marker.origins if marker.round == 0 else marker.partitions
@@ -463,7 +460,7 @@ def create_app(settings: Settings, segments: Sequence[Segment]) -> faust.App:
             await _forward(b, target, value, [], hops)
             return
         state = b.profile(key, partition)
-        now_ms = evaluation_time(customer_event.occurred_at, state)
+        now_ms = clock.evaluation_time(customer_event.occurred_at, state)
         if customer_event.source == "crm" and customer_event.type == "erasure_request":
             await _erase(b, key, partition, state, identifiers_of(customer_event), now_ms, customer_event.event_id)
             return
@@ -500,7 +497,7 @@ def create_app(settings: Settings, segments: Sequence[Segment]) -> faust.App:
             b.set_alias(key, partition, outcome.alias)
         if outcome.absorb and own is not None and outcome.alias is not None:
             metrics.merge()
-            now_ms = evaluation_time(command.at, own)
+            now_ms = clock.evaluation_time(command.at, own)
             released = release(own, now_ms, cause="merge")
             await emit(key, released, b.sends, b.rows)
             await b.forget(key, partition, now_ms, "merge")
@@ -523,7 +520,7 @@ def create_app(settings: Settings, segments: Sequence[Segment]) -> faust.App:
             await _forward(b, target, moved.encode(), moved.headers(), hops)
             return
         state = b.profile(key, partition)
-        now_ms = evaluation_time(command.at, state)
+        now_ms = clock.evaluation_time(command.at, state)
         result = absorb(state, name, absorbed, command.source, now_ms, definitions.current, config)
         if result.duplicate:
             return
@@ -670,8 +667,7 @@ def create_app(settings: Settings, segments: Sequence[Segment]) -> faust.App:
             markers = []
             for event in batch:
                 message = event.message
-                headers = dict(message.headers.items() if isinstance(message.headers, dict)
-                               else message.headers or ())
+                headers = _headers(message)
                 if headers.get(HEADER) == MARKER:
                     markers.append((message.topic, message.partition, Marker.decode(message.value)))
                 elif message.topic == changes_name:
@@ -826,8 +822,13 @@ def create_app(settings: Settings, segments: Sequence[Segment]) -> faust.App:
     return app
 
 
+def _headers(message: Any) -> dict[str, bytes]:
+    """A consumed message's headers as a dict (faust gives a list of pairs or a mapping)."""
+    return dict(message.headers.items() if isinstance(message.headers, dict) else message.headers or ())
+
+
 def _dead_letter_row(message: Any) -> dict[str, Any]:
-    headers = dict(message.headers.items() if isinstance(message.headers, dict) else message.headers or ())
+    headers = _headers(message)
 
     def header(name: str) -> str:
         value = headers.get(name)

@@ -19,8 +19,6 @@ import shutil
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from collections import Counter
 from datetime import UTC, datetime, timedelta
 from html.parser import HTMLParser
@@ -31,7 +29,7 @@ from kafka import KafkaProducer
 
 from pipeline.api import dashboard_data
 from pipeline.sinks.clickhouse import ClickHouseWriter
-from tests.integration.workers import running_worker, worker_log
+from tests.integration.workers import http_get, running_worker, worker_log
 
 ROOT = Path(__file__).resolve().parents[2]
 SCREENSHOT_COPY = ROOT / "benchmarks" / "results" / "dashboard.png"
@@ -142,16 +140,7 @@ class DashboardDom(HTMLParser):
 # --- HTTP and ClickHouse --------------------------------------------------------------------------
 
 def get(port, path, token=TOKEN):
-    request = urllib.request.Request(f"http://127.0.0.1:{port}{path}")
-    if token:
-        request.add_header("Authorization", f"Bearer {token}")
-    try:
-        with urllib.request.urlopen(request, timeout=30) as response:
-            return response.status, response.read()
-    except urllib.error.HTTPError as error:
-        return error.code, error.read()
-    except urllib.error.URLError as error:  # the worker's API is not listening yet
-        return 0, str(error.reason).encode()
+    return http_get(port, path, token)
 
 
 def sql(data_dir: Path, query: str) -> list[dict]:

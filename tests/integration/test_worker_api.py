@@ -3,13 +3,11 @@ open, everything else behind the bearer token, data from the worker's own state 
 
 import json
 import time
-import urllib.error
-import urllib.request
 
 from kafka import KafkaProducer
 
 from pipeline.codecs import decode_change
-from tests.integration.workers import running_worker, topic_consumer, worker_log
+from tests.integration.workers import http_get, running_worker, topic_consumer, worker_log
 
 TOKEN = "s3cret-token-for-tests"
 SEGMENTS = """segments:
@@ -18,17 +16,6 @@ SEGMENTS = """segments:
   - id: big_buyers
     where: orders_count >= 1 AND lifetime_value > 100
 """
-
-
-def get(port, path, token=None):
-    request = urllib.request.Request(f"http://127.0.0.1:{port}{path}")
-    if token:
-        request.add_header("Authorization", f"Bearer {token}")
-    try:
-        with urllib.request.urlopen(request, timeout=30) as response:
-            return response.status, response.read()
-    except urllib.error.HTTPError as error:
-        return error.code, error.read()
 
 
 def test_worker_serves_the_api(broker, unique, tmp_path):
@@ -48,21 +35,21 @@ def test_worker_serves_the_api(broker, unique, tmp_path):
         consumer.close()
         assert changes, worker_log(tmp_path)
 
-        assert get(port, "/health")[0] == 200
+        assert http_get(port, "/health")[0] == 200
         deadline = time.monotonic() + 60
-        while get(port, "/ready")[0] != 200 and time.monotonic() < deadline:
+        while http_get(port, "/ready")[0] != 200 and time.monotonic() < deadline:
             time.sleep(0.5)
-        assert get(port, "/ready")[0] == 200
+        assert http_get(port, "/ready")[0] == 200
 
-        status, body = get(port, "/profiles/api-1")
+        status, body = http_get(port, "/profiles/api-1")
         assert status == 401 and TOKEN.encode() not in body
-        assert get(port, "/profiles/api-1", "wrong")[0] == 401
-        status, body = get(port, "/profiles/api-1", TOKEN)
+        assert http_get(port, "/profiles/api-1", "wrong")[0] == 401
+        status, body = http_get(port, "/profiles/api-1", TOKEN)
         assert status == 200, body
         profile = json.loads(body)
         assert profile["orders_count"] == 1 and profile["segments"] == ["buyers"]
 
-        status, body = get(port, "/profiles/api-1/explain/big_buyers", TOKEN)
+        status, body = http_get(port, "/profiles/api-1/explain/big_buyers", TOKEN)
         explained = json.loads(body)
         assert status == 200 and explained["result"] is False
         assert [t["holds"] for t in explained["terms"]] == [True, False]
@@ -70,17 +57,17 @@ def test_worker_serves_the_api(broker, unique, tmp_path):
         deadline = time.monotonic() + 60  # the sink writes ClickHouse in batches
         members = []
         while not members and time.monotonic() < deadline:
-            status, body = get(port, "/cohorts/buyers", TOKEN)
+            status, body = http_get(port, "/cohorts/buyers", TOKEN)
             assert status == 200, body
             members = json.loads(body)["members"]
             time.sleep(0.5)
         assert [m["customer_id"] for m in members] == ["api-1"]
-        assert get(port, "/cohorts/nope", TOKEN)[0] == 404
-        status, body = get(port, "/segments", TOKEN)
+        assert http_get(port, "/cohorts/nope", TOKEN)[0] == 404
+        status, body = http_get(port, "/segments", TOKEN)
         assert {s["id"]: s["size"] for s in json.loads(body)["segments"]} == {"buyers": 1, "big_buyers": 0}
 
-        status, body = get(port, "/metrics")
+        status, body = http_get(port, "/metrics")
         assert status == 200 and b"pipeline_events_in_total" in body and b"pipeline_segment_changes_total" in body
         assert b"pipeline_consumer_lag{" in body and b"pipeline_timers_pending" in body
-        assert get(port, "/openapi.json", TOKEN)[0] == 200
+        assert http_get(port, "/openapi.json", TOKEN)[0] == 200
     assert TOKEN not in worker_log(tmp_path)

@@ -4,6 +4,8 @@ import os
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from contextlib import contextmanager
 
 from kafka import KafkaConsumer, TopicPartition
@@ -48,3 +50,18 @@ def topic_consumer(broker, topic: str, partitions: int = 2, timeout: float = 60.
 
 def worker_log(tmp_path) -> str:
     return (tmp_path / "worker.log").read_text(errors="replace")[-3000:]
+
+
+def http_get(port, path, token=None):
+    """(status, body) of GET http://127.0.0.1:port/path, with a bearer token if given; status 0 when
+    nothing listens yet."""
+    request = urllib.request.Request(f"http://127.0.0.1:{port}{path}")
+    if token:
+        request.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read()
+    except urllib.error.URLError as error:
+        return 0, str(error.reason).encode()
