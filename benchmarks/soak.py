@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/soak.py [--minutes 10] [--rate 300] [--partitions 4]
         [--customers 5000] [--warmup 2] [--out benchmarks/results/soak.json]
+        [--store rocksdb://] [--debug-memory [--tracemalloc FRAMES]]
 
 Starts the embedded broker and one ``python -m pipeline worker`` (RocksDB store, the built-in
 segments, wall clock, an HTTP port, the ClickHouse sink on chDB), then produces
@@ -14,6 +15,13 @@ timers pending; plus the ERROR lines and tracebacks in the worker's log. A table
 minute. At the end it sends one end marker into every input partition, waits for the worker's
 ``done`` (pipeline.control: everything processed, the sink flushed), and checks that nothing was
 lost (events in == produced + markers) and that the worker is still alive.
+
+Each sample also splits the worker's RSS into anonymous and file-backed pages (RssAnon / RssFile:
+the chDB engine's 550 MB shared library is file-backed, paged in on first use and not a leak) and
+records the machine's load average. ``--debug-memory`` runs the worker under
+``python -m pipeline.memdebug`` (the same worker plus a sampler thread, pipeline/memdebug.py):
+RocksDB memtables and block cache, the chDB engine's own accounting, glibc's heap and, with
+``--tracemalloc``, the Python source lines that grew; those samples go into ``--out`` too.
 
 Written: the time series and the verdict to ``--out`` (JSON). The verdict line gives the memory
 growth per minute after the warm-up (least-squares slope of RSS), the maximum and p99 lag, and
@@ -128,6 +136,7 @@ class Soak:
         self.samples: list[dict[str, Any]] = []
         self.produced = 0
         self.watermark = 0
+        self.memdebug_path = tmp / "memdebug.jsonl"
 
     def settings(self) -> Any:
         return load_settings(broker=self.broker.url, topic_prefix=PREFIX, partitions=self.args.partitions)
@@ -138,11 +147,16 @@ class Soak:
         env = {k: v for k, v in os.environ.items() if not k.startswith("PIPELINE_")}
         env.update({"PIPELINE_BROKER": self.broker.url, "PIPELINE_TOPIC_PREFIX": PREFIX,
                     "PIPELINE_APP_ID": f"soak-{uuid.uuid4().hex[:8]}", "PIPELINE_DATA_DIR": str(self.tmp / "worker"),
-                    "PIPELINE_PARTITIONS": str(self.args.partitions), "PIPELINE_STORE": "rocksdb://",
+                    "PIPELINE_PARTITIONS": str(self.args.partitions), "PIPELINE_STORE": self.args.store,
                     "PIPELINE_HTTP_PORT": str(self.port), "PIPELINE_CLOCK": "wall",
                     "PIPELINE_LOG_LEVEL": "warning"})
+        module = "pipeline"
+        if self.args.debug_memory:
+            module = "pipeline.memdebug"
+            env.update({"PIPELINE_DEBUG_MEMORY": str(self.memdebug_path),
+                        "PIPELINE_DEBUG_TRACEMALLOC": str(self.args.tracemalloc)})
         with open(self.log_path, "wb") as log:
-            self.worker = subprocess.Popen([sys.executable, "-m", "pipeline", "worker"], cwd=ROOT, env=env,
+            self.worker = subprocess.Popen([sys.executable, "-m", module, "worker"], cwd=ROOT, env=env,
                                            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                            start_new_session=True)
         deadline = time.monotonic() + 180
@@ -164,6 +178,9 @@ class Soak:
         errors, tracebacks = log_errors(self.log_path)
         row = {"t_s": round(time.time() - started, 1), "produced": self.produced,
                "rss_mib": round(status_kib("VmRSS", self.worker.pid) / 1024, 1),
+               "rss_anon_mib": round(status_kib("RssAnon", self.worker.pid) / 1024, 1),
+               "rss_file_mib": round(status_kib("RssFile", self.worker.pid) / 1024, 1),
+               "loadavg_1m": float(Path("/proc/loadavg").read_text().split()[0]),
                "cpu_s": round(cpu_seconds(self.worker.pid), 2),
                "events_in": int(metrics.get("pipeline_events_in_total", 0)),
                "changes_out": int(metrics.get("pipeline_segment_changes_total", 0)),
@@ -196,7 +213,7 @@ class Soak:
         next_table = started + 60
         interval = 0.05
         header = ("t_s", "produced", "events_in", "in_per_s", "changes_out", "dead_letters", "duplicates", "lag",
-                  "timers_pending", "rss_mib", "cpu_pct", "log_errors", "tracebacks")
+                  "timers_pending", "rss_mib", "rss_anon_mib", "cpu_pct", "loadavg_1m", "log_errors", "tracebacks")
         print(f"soak: {args.rate} events/s for {args.minutes} min, worker pid {self.worker.pid if self.worker else '?'}"
               f", metrics on :{self.port}", flush=True)
         while True:
@@ -260,6 +277,8 @@ class Soak:
     def verdict(self, final: dict[str, Any], markers: int, drain_s: float) -> dict[str, Any]:
         warm = [s for s in self.samples if s["t_s"] >= self.args.warmup * 60]
         rss = [(s["t_s"], s["rss_mib"]) for s in warm]
+        anon = [(s["t_s"], s["rss_anon_mib"]) for s in warm]
+        half = [s for s in warm if s["t_s"] >= (self.args.warmup * 60 + final["t_s"]) / 2]
         lags = [s["lag"] for s in self.samples]
         alive = self.worker is not None and self.worker.poll() is None
         lost = self.produced + markers - final["events_in"]
@@ -270,6 +289,13 @@ class Soak:
             "rss_start_mib": self.samples[0]["rss_mib"], "rss_after_warmup_mib": warm[0]["rss_mib"] if warm else None,
             "rss_end_mib": final["rss_mib"], "rss_max_mib": max(s["rss_mib"] for s in self.samples),
             "rss_slope_mib_per_min": round(slope_per_minute(rss), 3),
+            "rss_anon_slope_mib_per_min": round(slope_per_minute(anon), 3),
+            # the second half of the run after the warm-up alone: a plateau shows as ~0 here
+            "rss_slope_second_half_mib_per_min": round(slope_per_minute([(s["t_s"], s["rss_mib"]) for s in half]), 3),
+            "rss_file_end_mib": final["rss_file_mib"], "rss_anon_end_mib": final["rss_anon_mib"],
+            "store": self.args.store,
+            "loadavg_1m_mean": round(sum(s["loadavg_1m"] for s in self.samples) / len(self.samples), 2),
+            "loadavg_1m_max": max(s["loadavg_1m"] for s in self.samples),
             "lag_max": max(lags), "lag_p99": percentile(lags, 99), "lag_p50": percentile(lags, 50),
             "cpu_pct_mean": round(sum(s["cpu_pct"] for s in self.samples[1:]) / max(1, len(self.samples) - 1), 1),
             "changes_out": final["changes_out"], "dead_letters": final["dead_letters"],
@@ -289,6 +315,11 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=11)
     parser.add_argument("--warmup", type=float, default=2.0, help="minutes excluded from the memory slope")
     parser.add_argument("--out", type=Path, default=HERE / "results" / "soak.json")
+    parser.add_argument("--store", default="rocksdb://", help="the worker's table store (rocksdb:// or memory://)")
+    parser.add_argument("--debug-memory", action="store_true",
+                        help="run the worker under pipeline.memdebug and keep its memory attribution samples")
+    parser.add_argument("--tracemalloc", type=int, default=0, metavar="FRAMES",
+                        help="with --debug-memory: trace Python allocations (slows the worker; not for figures)")
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="soak-"))
     soak = Soak(args, tmp)
@@ -300,13 +331,19 @@ def main() -> int:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         if (v is None or not v["ok"]) and soak.log_path.exists():
             shutil.copy(soak.log_path, args.out.with_suffix(".worker.log"))
+        memdebug = []
+        if soak.memdebug_path.exists():
+            memdebug = [json.loads(line) for line in soak.memdebug_path.read_text().splitlines() if line.strip()]
         if soak.samples:
-            args.out.write_text(json.dumps({"verdict": v, "samples": soak.samples}, indent=1) + "\n")
+            args.out.write_text(json.dumps({"verdict": v, "samples": soak.samples, "memdebug": memdebug}, indent=1)
+                                + "\n")
         shutil.rmtree(tmp, ignore_errors=True)
     print(f"soak verdict: {'OK' if v['ok'] else 'FAIL'} - {v['produced']} events at {v['rate']:.0f}/s for "
           f"{v['minutes']:g} min, lost {v['lost']}, worker alive {v['alive']}; RSS {v['rss_start_mib']} -> "
           f"{v['rss_after_warmup_mib']} (after warm-up) -> {v['rss_end_mib']} MiB, growth after warm-up "
-          f"{v['rss_slope_mib_per_min']:+.2f} MiB/min; lag max {v['lag_max']} p99 {v['lag_p99']}; "
+          f"{v['rss_slope_mib_per_min']:+.2f} MiB/min ({v['rss_slope_second_half_mib_per_min']:+.2f} in its second "
+          f"half; anonymous {v['rss_anon_end_mib']}, file-backed {v['rss_file_end_mib']} MiB at the end); "
+          f"lag max {v['lag_max']} p99 {v['lag_p99']}; "
           f"errors {v['log_errors']}, tracebacks {v['tracebacks']}; drained in {v['drain_s']} s", flush=True)
     return 0 if v["ok"] else 1
 

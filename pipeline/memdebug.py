@@ -1,0 +1,197 @@
+"""Memory attribution of a running worker (issue 8, soak finding): debug only, off by default.
+
+    PIPELINE_DEBUG_MEMORY=/tmp/mem.jsonl [PIPELINE_DEBUG_TRACEMALLOC=1] \\
+        python -m pipeline.memdebug worker
+
+runs ``pipeline worker`` unchanged, plus a daemon thread that appends one JSON object per
+``PIPELINE_DEBUG_MEMORY_SECONDS`` (default 20) to the file: the process's resident memory split
+into anonymous and file-backed pages (/proc), glibc's heap (``mallinfo2``: in use vs free but
+kept), Python's allocated blocks, every RocksDB store's memtables, block cache and table readers
+(RocksDB properties), and the chDB engine's own accounting (``system.metrics`` MemoryTracking,
+mark and primary-index caches, parts). With ``PIPELINE_DEBUG_TRACEMALLOC=N`` (frames) it also
+traces Python allocations and records the 15 source lines whose memory grew most since the
+first sample. Tracing slows the worker several times: use it in its own run, not for figures.
+
+Nothing here is imported by the product; it finds the worker's objects (the faust app, the chDB
+clients) from the outside so that the worker runs exactly as in production.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import json
+import os
+import sys
+import threading
+import time
+import tracemalloc
+from pathlib import Path
+from typing import Any
+
+OUT_VAR = "PIPELINE_DEBUG_MEMORY"
+TRACEMALLOC_VAR = "PIPELINE_DEBUG_TRACEMALLOC"
+INTERVAL_VAR = "PIPELINE_DEBUG_MEMORY_SECONDS"
+
+ROCKSDB_PROPERTIES = ("rocksdb.cur-size-all-mem-tables", "rocksdb.block-cache-usage",
+                      "rocksdb.estimate-table-readers-mem", "rocksdb.estimate-num-keys",
+                      "rocksdb.total-sst-files-size", "rocksdb.num-immutable-mem-table")
+CHDB_METRICS = ("MemoryTracking", "MarkCacheBytes", "MarkCacheFiles", "PrimaryIndexCacheBytes",
+                "PrimaryIndexCacheFiles", "UncompressedCacheBytes", "QueryCacheBytes", "PageCacheBytes",
+                "MemoryTrackingUncorrected")
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
+                 "keepcost")]
+
+
+def _proc_kib(path: str, names: tuple[str, ...]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    try:
+        with open(path) as handle:
+            for line in handle:
+                key, _, rest = line.partition(":")
+                if key in names:
+                    out[key] = int(rest.split()[0])
+    except OSError:
+        pass
+    return out
+
+
+def process_memory() -> dict[str, float]:
+    """Resident memory in MiB: total, anonymous (heap, arenas, mmaps) and file-backed (code)."""
+    status = _proc_kib("/proc/self/status", ("VmRSS", "RssAnon", "RssFile", "RssShmem", "VmHWM"))
+    return {f"{k}_mib": round(v / 1024, 1) for k, v in status.items()}
+
+
+def glibc_heap() -> dict[str, float]:
+    """glibc malloc (Python's large objects, RocksDB): bytes in use vs free but held, in MiB."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallinfo2.restype = _MallInfo2
+        info = libc.mallinfo2()
+    except (OSError, AttributeError):
+        return {}
+    mib = 1024 * 1024
+    return {"malloc_in_use_mib": round(info.uordblks / mib, 1), "malloc_free_held_mib": round(info.fordblks / mib, 1),
+            "malloc_mmapped_mib": round(info.hblkhd / mib, 1), "malloc_arena_mib": round(info.arena / mib, 1)}
+
+
+def trim_heap() -> int:
+    """``malloc_trim(0)``: give free heap pages back to the system (1 if some were released)."""
+    try:
+        return int(ctypes.CDLL("libc.so.6").malloc_trim(0))
+    except (OSError, AttributeError):
+        return 0
+
+
+def _faust_apps() -> list[Any]:
+    import faust
+
+    return [o for o in gc.get_objects() if isinstance(o, faust.App)]
+
+
+def rocksdb_memory(apps: list[Any]) -> dict[str, Any]:
+    """Per table, the RocksDB properties summed over its partitions' databases."""
+    out: dict[str, Any] = {}
+    for app in apps:
+        for name, table in list(app.tables.items()):
+            dbs = getattr(table.data, "_dbs", None)
+            if not dbs:
+                continue
+            sums = dict.fromkeys(ROCKSDB_PROPERTIES, 0)
+            for db in list(dbs.values()):
+                for prop in ROCKSDB_PROPERTIES:
+                    try:
+                        sums[prop] += int(db.property_int_value(prop) or 0)
+                    except Exception:  # noqa: BLE001 - a database closed by a rebalance meanwhile
+                        pass
+            out[name] = {"dbs": len(dbs), **{p.removeprefix("rocksdb."): v for p, v in sums.items()}}
+    return out
+
+
+def chdb_memory() -> dict[str, Any]:
+    """The chDB engine's own accounting, through the worker's shared client (its lock serializes
+    this query with the sink's inserts)."""
+    from pipeline.sinks import clickhouse
+
+    clients = list(clickhouse._clients.values())  # noqa: SLF001 - the worker's own connections
+    if not clients:
+        return {}
+    client = clients[0]
+    names = ", ".join(f"'{m}'" for m in CHDB_METRICS)
+    out: dict[str, Any] = {}
+    try:
+        out.update({k: int(v) for k, v in client.query(
+            f"SELECT metric, value FROM system.metrics WHERE metric IN ({names})").result_rows})
+        rows = client.query("SELECT count(), sum(rows), sum(primary_key_bytes_in_memory_allocated), "
+                            "sum(bytes_on_disk) FROM system.parts WHERE active").result_rows
+        out["active_parts"], out["part_rows"], out["primary_key_bytes"], out["bytes_on_disk"] = map(int, rows[0])
+        out["parts_all"] = int(client.query("SELECT count() FROM system.parts").result_rows[0][0])
+        out["user_query_log_rows"] = int(client.query("SELECT count() FROM system.user_query_log").result_rows[0][0])
+    except Exception as exc:  # noqa: BLE001 - report, never break the worker
+        out["error"] = str(exc)[:200]
+    return out
+
+
+class Sampler:
+    def __init__(self, path: Path, interval: float, frames: int) -> None:
+        self.path = path
+        self.interval = interval
+        self.frames = frames
+        self.started = time.time()
+        self.baseline: tracemalloc.Snapshot | None = None
+        self.apps: list[Any] = []
+
+    def sample(self) -> dict[str, Any]:
+        if not self.apps:
+            self.apps = _faust_apps()
+        row: dict[str, Any] = {"t_s": round(time.time() - self.started, 1), **process_memory(), **glibc_heap(),
+                               "python_blocks": sys.getallocatedblocks()}
+        row["rocksdb"] = rocksdb_memory(self.apps)
+        row["chdb"] = chdb_memory()
+        if tracemalloc.is_tracing():
+            current, peak = tracemalloc.get_traced_memory()
+            row["traced_mib"] = round(current / 2**20, 1)
+            snapshot = tracemalloc.take_snapshot().filter_traces([tracemalloc.Filter(False, tracemalloc.__file__)])
+            if self.baseline is None:
+                self.baseline = snapshot
+            else:
+                row["traced_growth"] = [
+                    {"where": str(s.traceback).splitlines()[0] if s.traceback else "?",
+                     "kib": round(s.size_diff / 1024, 1), "count": s.count_diff}
+                    for s in snapshot.compare_to(self.baseline, "lineno")[:15]]
+        return row
+
+    def run(self) -> None:
+        while True:
+            time.sleep(self.interval)
+            try:
+                row = self.sample()
+            except Exception as exc:  # noqa: BLE001 - a debug aid must not take the worker down
+                row = {"t_s": round(time.time() - self.started, 1), "error": repr(exc)[:300]}
+            with open(self.path, "a") as handle:
+                handle.write(json.dumps(row) + "\n")
+
+
+def install() -> bool:
+    """Start sampling if ``PIPELINE_DEBUG_MEMORY`` names a file; False (and nothing done) otherwise."""
+    out = os.environ.get(OUT_VAR)
+    if not out:
+        return False
+    frames = int(os.environ.get(TRACEMALLOC_VAR, "0") or 0)
+    if frames > 0:
+        tracemalloc.start(frames)
+    sampler = Sampler(Path(out), float(os.environ.get(INTERVAL_VAR, "20") or 20), frames)
+    threading.Thread(target=sampler.run, name="memdebug", daemon=True).start()
+    return True
+
+
+if __name__ == "__main__":
+    install()
+    from pipeline.cli import main
+
+    sys.argv = ["pipeline", *sys.argv[1:]]
+    main()
