@@ -53,6 +53,7 @@ from pipeline.metrics import Metrics
 from pipeline.privacy import redact_emails
 from pipeline.processor import Config, StepResult, absorb, advance, reevaluate, release, schedule, step
 from pipeline.profile import ProfileState
+from pipeline.recovery import CompleteTableManager
 from pipeline.registry import RegistrySchemas, schema_source
 from pipeline.segments.definitions import Segment
 from pipeline.segments.live import SENTINEL_PREFIX, DefinitionLog, set_fingerprint
@@ -176,6 +177,7 @@ def create_app(settings: Settings, segments: Sequence[Segment]) -> faust.App:
         # The embedded broker under-reports end offsets (DESIGN §3): faust's check that a RocksDB
         # partition's persisted offset is not past the changelog's end would stop every restart.
         recovery_consistency_check=False,
+        TableManager=CompleteTableManager,  # recovery reads each changelog to its real end (pipeline.recovery)
         broker_credentials=settings.faust_credentials(),
         **web_identity,
         topic_allow_declare=True,
