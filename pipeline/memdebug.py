@@ -66,6 +66,38 @@ def process_memory() -> dict[str, float]:
     return {f"{k}_mib": round(v / 1024, 1) for k, v in status.items()}
 
 
+def anonymous_mappings() -> dict[str, float]:
+    """Resident anonymous memory (MiB) by kind of mapping, from /proc/self/smaps: the brk heap (glibc's
+    main arena), 64 MiB-reserved glibc thread arenas, 1 MiB ones (CPython's object arenas) and the rest
+    (large malloc blocks, the chDB engine's jemalloc extents, thread stacks)."""
+    out = {"heap_mib": 0.0, "thread_arenas_mib": 0.0, "mib1_mib": 0.0, "other_anon_mib": 0.0}
+    try:
+        with open("/proc/self/smaps") as handle:
+            name, size = "", 0
+            for line in handle:
+                head = line.split(None, 1)[0]
+                if "-" in head and not head.endswith(":"):  # a mapping's first line
+                    fields = line.split()
+                    name = fields[5] if len(fields) > 5 else ""
+                    start, end = (int(x, 16) for x in head.split("-"))
+                    size = (end - start) // 1024
+                elif head == "Anonymous:":
+                    kib = int(line.split()[1])
+                    if name == "[heap]":
+                        out["heap_mib"] += kib / 1024
+                    elif name:
+                        continue  # stacks and named mappings are not allocator memory
+                    elif size == 1024:
+                        out["mib1_mib"] += kib / 1024
+                    elif 60 * 1024 <= size <= 64 * 1024:
+                        out["thread_arenas_mib"] += kib / 1024
+                    else:
+                        out["other_anon_mib"] += kib / 1024
+    except OSError:
+        return {}
+    return {k: round(v, 1) for k, v in out.items()}
+
+
 def glibc_heap() -> dict[str, float]:
     """glibc malloc (Python's large objects, RocksDB): bytes in use vs free but held, in MiB."""
     try:
@@ -149,7 +181,7 @@ class Sampler:
         if not self.apps:
             self.apps = _faust_apps()
         row: dict[str, Any] = {"t_s": round(time.time() - self.started, 1), **process_memory(), **glibc_heap(),
-                               "python_blocks": sys.getallocatedblocks()}
+                               **anonymous_mappings(), "python_blocks": sys.getallocatedblocks()}
         row["rocksdb"] = rocksdb_memory(self.apps)
         row["chdb"] = chdb_memory()
         if tracemalloc.is_tracing():
