@@ -26,7 +26,7 @@ from typing import Any
 import faust
 from faust.streams import _current_event
 
-from pipeline import codecs
+from pipeline import codecs, profile_encoding
 from pipeline.api import WorkerBackend, build_api, dashboard_data, start_api, stop_api
 from pipeline.broker import topics as t
 from pipeline.cohorts import cohort, segment_sizes
@@ -142,11 +142,11 @@ class PartitionedStore:
 
 
 def _encode_state(state: ProfileState) -> bytes:
-    return json.dumps(state.to_dict(), separators=(",", ":")).encode()
+    return profile_encoding.encode(state)  # compact binary; reads back older JSON values too
 
 
 def _decode_state(value: bytes | None) -> ProfileState | None:
-    return ProfileState.from_dict(json.loads(value)) if value else None
+    return profile_encoding.decode(value) if value else None
 
 
 class Definitions:
@@ -189,7 +189,7 @@ def create_app(settings: Settings, segments: Sequence[Segment]) -> faust.App:
                     int(datetime(settings.min_occurred_at_year, 1, 1, tzinfo=UTC).timestamp() * 1000))
     resolver = schema_source(settings.schema_registry_url)  # a bad schemas/ directory fails here, at start
     config = Config(settings.affinity_half_life_days, settings.dedup_window_events,
-                    int(settings.timer_sweep_seconds * 1000))
+                    int(settings.timer_sweep_seconds * 1000), settings.lateness_days)
     raw: dict[str, Any] = {"key_serializer": "raw", "value_serializer": "raw"}
     inputs = app.topic(*(settings.topic(n) for n in t.INPUTS), **raw)
     source_of = {settings.topic(n): n for n in t.INPUTS}

@@ -31,11 +31,13 @@ had been folded into one profile; see its docstring for the exact limits of that
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import Hashable, Iterable
+from typing import Any, TypeVar
 
 from pipeline.events import Event
-from pipeline.profile import DAY_MS, HISTORY_MS, RECENT_SESSIONS, ProfileState, _decay
+from pipeline.profile import DAY_MS, LATENESS_DAYS, RECENT_SESSIONS, ProfileState, _decay, history_ms
+
+_H = TypeVar("_H", bound=Hashable)
 
 EMAIL_PREFIX = "email:"
 LOYALTY_PREFIX = "loyalty:"
@@ -193,7 +195,7 @@ def _union_sorted(*lists: Iterable[str]) -> list[str]:
     return sorted({value for values in lists for value in values})
 
 
-def _union_ordered(first: list[str], second: list[str], keep: int) -> list[str]:
+def _union_ordered(first: list[_H], second: list[_H], keep: int) -> list[_H]:
     """``first`` then the values of ``second`` not in it, keeping the last ``keep`` (0: all)."""
     seen = set(first)
     merged = list(first) + [value for value in second if value not in seen]
@@ -201,15 +203,15 @@ def _union_ordered(first: list[str], second: list[str], keep: int) -> list[str]:
 
 
 def merge_profiles(survivor: ProfileState, absorbed: ProfileState, *, half_life_days: float,
-                   dedup_window: int = 64) -> ProfileState:
+                   dedup_window: int = 64, lateness_days: float = LATENESS_DAYS) -> ProfileState:
     """A new state for ``survivor.customer_id`` holding both histories, as if every event of both
     profiles had been folded into one (neither input is modified).
 
     - counts, ``lifetime_value``, ``channels`` and the sentiment sums add; ``first_*`` take the
       minimum and ``last_*`` the maximum;
-    - ``orders`` are concatenated, sorted by (time, amount, kind) and trimmed to ``HISTORY_MS``
-      before the latest of both ``updated_at`` and the newest order (as ``fold`` trims relative
-      to max(now, event time));
+    - ``orders`` are concatenated, sorted by (time, amount, kind) and trimmed to the longest
+      window plus ``lateness_days`` (``profile.history_ms``) before the latest of both
+      ``updated_at`` and the newest order (as ``fold`` trims relative to max(now, event time));
     - ``affinity``: per category both scores are decayed to the later ``as_of`` and added, as
       ``profile._add_affinity`` does (same half-life as the fold);
     - ``[at, value]`` slots (unsubscribed, nps, loyalty tier, consent), each trait and each
@@ -219,7 +221,8 @@ def merge_profiles(survivor: ProfileState, absorbed: ProfileState, *, half_life_
       -> ``loyalty_ids``), so ``alias_keys`` of the result lists the absorbed key;
     - ``recent_sessions``: the survivor's then the absorbed's others, last ``RECENT_SESSIONS``
       kept; ``sessions_count`` adds minus the sessions in both ``recent_sessions`` lists;
-    - ``recent_event_ids``: likewise, the last ``dedup_window`` kept (all when 0);
+    - ``recent_event_ids`` (digests, as ``fold`` keeps them): likewise, the last ``dedup_window``
+      kept (all when 0);
       ``events_count`` adds minus the event ids in both lists (an event folded into both);
     - ``segments``: the survivor's (the caller re-evaluates and emits changes with cause
       ``merge``); ``version`` = survivor's + 1; ``updated_at`` the later; ``next_check_at`` None
@@ -262,7 +265,7 @@ def merge_profiles(survivor: ProfileState, absorbed: ProfileState, *, half_life_
 
     orders = sorted((list(o) for o in a.orders + b.orders), key=lambda o: (o[0], o[1], o[2]))
     latest = max([a.updated_at, b.updated_at] + [int(o[0]) for o in orders[-1:]])
-    horizon = latest - HISTORY_MS
+    horizon = latest - history_ms(lateness_days)
     orders = [o for o in orders if o[0] > horizon]
 
     affinity: dict[str, list[float]] = {}

@@ -12,7 +12,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from pipeline.events import Event
-from pipeline.profile import ProfileState, columns, fold, is_duplicate, new_profile, touched_columns
+from pipeline.profile import LATENESS_DAYS, ProfileState, columns, fold, is_duplicate, new_profile, touched_columns
 from pipeline.segments.definitions import Segment
 from pipeline.segments.membership import SegmentChange, diff, evaluate
 
@@ -22,6 +22,7 @@ class Config:
     half_life_days: float = 30.0
     dedup_window: int = 64
     sweep_ms: int = 60_000  # re-check interval where no transition instant can be derived
+    lateness_days: float = LATENESS_DAYS  # PIPELINE_LATENESS_DAYS: how long orders outlive the longest window
 
 
 @dataclass
@@ -50,7 +51,8 @@ def step(state: ProfileState | None, key: str, event: Event, now_ms: int, segmen
         incremental = False
     if event.event_id and is_duplicate(state, event.event_id):
         return StepResult(state, duplicate=True)
-    fold(state, event, now_ms, half_life_days=config.half_life_days, dedup_window=config.dedup_window)
+    fold(state, event, now_ms, half_life_days=config.half_life_days, dedup_window=config.dedup_window,
+         lateness_days=config.lateness_days)
     only = affected(segments, event) if incremental else None
     return _reevaluate(state, now_ms, segments, config, cause=event.event_id, only=only)
 
@@ -125,7 +127,8 @@ def absorb(state: ProfileState | None, key: str, absorbed: ProfileState, source:
         state = new_profile(key)
     if source == key or source in state.merged_keys:
         return StepResult(state, duplicate=True)
-    merged = merge_profiles(state, absorbed, half_life_days=config.half_life_days, dedup_window=config.dedup_window)
+    merged = merge_profiles(state, absorbed, half_life_days=config.half_life_days, dedup_window=config.dedup_window,
+                            lateness_days=config.lateness_days)
     merged.merged_keys = sorted({*state.merged_keys, *absorbed.merged_keys, source})
     merged.updated_at = max(merged.updated_at, now_ms)
     return _reevaluate(merged, now_ms, segments, config, cause="merge")

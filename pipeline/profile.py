@@ -4,10 +4,21 @@
 counts add up, "latest" fields keep the time they were set and only a later event replaces
 them, decayed scores are merged at a common instant. ``columns(state, now)`` materializes
 the DESIGN §4.2 columns as of ``now``: windows are the half-open interval (now - N days, now].
+
+Lateness (``lateness_days``, setting ``PIPELINE_LATENESS_DAYS``): orders are kept for the longest
+window plus the lateness, counted back from the instant each purchase or refund is folded at
+(max of the clock and its own time). So the columns are exact as of any instant no earlier than
+``lateness_days`` before the latest such instant, whatever the arrival order of the events; an
+evaluation further in the past may miss orders already dropped. See docs/segments.md.
+
+Event and session ids are kept as 8-byte BLAKE2b digests (``id_digest``), not as strings: the
+dedup window and the session list are the largest part of a profile, and membership tests and
+merges only need equality (collision odds: docs/segments.md, "Kept history").
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
@@ -17,7 +28,8 @@ from pipeline.events import Event
 
 DAY_MS = 86_400_000
 WINDOWS_DAYS = (30, 90, 365)
-HISTORY_MS = 366 * DAY_MS  # orders kept for the longest window, plus a day of lateness
+LATENESS_DAYS = 1.0  # default of PIPELINE_LATENESS_DAYS
+HISTORY_MS = (max(WINDOWS_DAYS) + 1) * DAY_MS  # orders kept with the default lateness: 366 days
 AFFINITY_WEIGHTS = {"page_view": 0.5, "product_view": 1.0, "search": 0.5, "add_to_cart": 3.0,
                     "checkout_started": 2.0, "purchase": 5.0}
 AFFINITY_SCALE = 4.0  # raw weight at which affinity reaches 1 - 1/2
@@ -36,7 +48,7 @@ class ProfileState:
     last_seen_at: int | None = None
     events_count: int = 0
     sessions_count: int = 0
-    recent_sessions: list[str] = field(default_factory=list)
+    recent_sessions: list[int] = field(default_factory=list)  # id_digest of the last RECENT_SESSIONS
     page_views_count: int = 0
     product_views_count: int = 0
     cart_adds_count: int = 0
@@ -60,7 +72,7 @@ class ProfileState:
     consent_marketing: list[Any] = field(default_factory=lambda: [0, None])
     traits: dict[str, list[Any]] = field(default_factory=dict)  # name -> [at, value]
     segments: dict[str, int] = field(default_factory=dict)  # segment id -> member since (ms)
-    recent_event_ids: list[str] = field(default_factory=list)
+    recent_event_ids: list[int] = field(default_factory=list)  # id_digest of the last dedup_window ids
     next_check_at: int | None = None  # when memberships may next change with no event (timer index)
     merged_keys: list[str] = field(default_factory=list)  # keys of the profiles absorbed into this one
     definitions: str = ""  # fingerprint of the segment definitions it was last evaluated under
@@ -72,7 +84,23 @@ class ProfileState:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ProfileState:
+        """From ``to_dict`` output, or from a profile written before ids became digests (whose
+        event and session ids are strings: they are digested here, so dedup still matches them)."""
+        for name in ("recent_event_ids", "recent_sessions"):
+            ids = data.get(name)
+            if ids and any(isinstance(value, str) for value in ids):
+                data = {**data, name: [id_digest(v) if isinstance(v, str) else v for v in ids]}
         return cls(**data)
+
+
+def id_digest(value: str) -> int:
+    """An event or session id as the unsigned 64-bit BLAKE2b digest the profile keeps."""
+    return int.from_bytes(hashlib.blake2b(value.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "big")
+
+
+def history_ms(lateness_days: float = LATENESS_DAYS) -> int:
+    """How far back orders are kept from the instant they are trimmed at: the longest window plus the lateness."""
+    return int((max(WINDOWS_DAYS) + lateness_days) * DAY_MS)
 
 
 def new_profile(customer_id: str) -> ProfileState:
@@ -108,12 +136,15 @@ def _add_affinity(state: ProfileState, category: str | None, weight: float, at: 
 
 
 def is_duplicate(state: ProfileState, event_id: str) -> bool:
-    return event_id in state.recent_event_ids
+    return id_digest(event_id) in state.recent_event_ids
 
 
 def fold(state: ProfileState, event: Event, now_ms: int, *, half_life_days: float = 30.0,
-         dedup_window: int = 64) -> ProfileState:
-    """Fold one event into the profile (mutates and returns ``state``; version + 1)."""
+         dedup_window: int = 64, lateness_days: float = LATENESS_DAYS) -> ProfileState:
+    """Fold one event into the profile (mutates and returns ``state``; version + 1).
+
+    ``lateness_days``: orders older than the longest window plus this, before max(now, event
+    time), are dropped (module docstring)."""
     at = event.occurred_at
     half_life_ms = half_life_days * DAY_MS
     state.events_count += 1
@@ -123,13 +154,13 @@ def fold(state: ProfileState, event: Event, now_ms: int, *, half_life_days: floa
     _add_unique(state.email_hashes, event.email_hash)
     _add_unique(state.loyalty_ids, event.loyalty_id)
     if dedup_window:
-        state.recent_event_ids.append(event.event_id)
+        state.recent_event_ids.append(id_digest(event.event_id))
         del state.recent_event_ids[:-dedup_window]
 
     if event.source == "clickstream":
         _fold_click(state, event, half_life_ms)
     elif event.source == "pos":
-        _fold_pos(state, event, now_ms, half_life_ms)
+        _fold_pos(state, event, now_ms, half_life_ms, history_ms(lateness_days))
     elif event.source == "crm":
         _fold_crm(state, event)
     elif event.source == "surveys":
@@ -141,9 +172,10 @@ def fold(state: ProfileState, event: Event, now_ms: int, *, half_life_days: floa
 
 
 def _fold_click(state: ProfileState, event: Event, half_life_ms: float) -> None:
-    if event.session_id and event.session_id not in state.recent_sessions:
+    session = id_digest(event.session_id) if event.session_id else None
+    if session is not None and session not in state.recent_sessions:
         state.sessions_count += 1
-        state.recent_sessions.append(event.session_id)
+        state.recent_sessions.append(session)
         del state.recent_sessions[:-RECENT_SESSIONS]
     if event.type == "page_view":
         state.page_views_count += 1
@@ -154,7 +186,7 @@ def _fold_click(state: ProfileState, event: Event, half_life_ms: float) -> None:
     _add_affinity(state, event.category, AFFINITY_WEIGHTS.get(event.type, 0.0), event.occurred_at, half_life_ms)
 
 
-def _fold_pos(state: ProfileState, event: Event, now_ms: int, half_life_ms: float) -> None:
+def _fold_pos(state: ProfileState, event: Event, now_ms: int, half_life_ms: float, kept_ms: int) -> None:
     at = event.occurred_at
     amount = event.total or 0.0
     channel = event.channel or "store"
@@ -171,10 +203,11 @@ def _fold_pos(state: ProfileState, event: Event, now_ms: int, half_life_ms: floa
         for item in event.items:
             _add_affinity(state, item.category, AFFINITY_WEIGHTS["purchase"] * max(item.quantity, 1), at,
                           half_life_ms)
-    horizon = max(now_ms, at) - HISTORY_MS
-    if state.orders and state.orders[0][0] <= horizon:
-        state.orders = [o for o in state.orders if o[0] > horizon]
+    # sorted first, so a late order older than the horizon is dropped now, not at the next one
     state.orders.sort(key=lambda o: o[0])
+    horizon = max(now_ms, at) - kept_ms
+    if state.orders[0][0] <= horizon:
+        state.orders = [o for o in state.orders if o[0] > horizon]
 
 
 def _fold_crm(state: ProfileState, event: Event) -> None:

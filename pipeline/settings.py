@@ -81,6 +81,11 @@ class Settings(BaseSettings):
     events_ttl_days: int = Field(400, ge=1, description="Days the `events` table keeps an event (ClickHouse TTL "
                                  "on occurred_at; set when the table is created).")
     affinity_half_life_days: float = Field(30.0, gt=0, description="Half-life of category affinity scores.")
+    lateness_days: float = Field(
+        1.0, ge=0, description="Orders are kept for the longest window (365 days) plus this, counted back from the "
+        "latest instant a purchase or refund was folded at: windowed columns stay exact as of any instant up to "
+        "this long before it (an event evaluated at its own time arriving this late behind a later one, or an "
+        "event ahead of the clock). At least PIPELINE_MAX_FUTURE_SKEW_SECONDS. See docs/segments.md.")
     max_message_bytes: int = Field(1_000_000, ge=1, description="Larger input messages are dead-lettered.")
     max_future_skew_seconds: float = Field(
         3600.0, ge=0, description="occurred_at further than this in the future is dead-lettered."
@@ -120,6 +125,15 @@ class Settings(BaseSettings):
         if not sasl and (self.broker_sasl_username or self.broker_sasl_password is not None):
             raise ValueError("SASL credentials are set but PIPELINE_BROKER_SECURITY_PROTOCOL is "
                              f"{self.broker_security_protocol}; use SASL_SSL (or SASL_PLAINTEXT)")
+        return self
+
+    @model_validator(mode="after")
+    def _check_lateness(self) -> Settings:
+        # An event up to max_future_skew ahead of the clock trims orders from its own time: the
+        # kept margin must cover that, or a column evaluated at the clock would miss orders.
+        if self.lateness_days * 86_400 < self.max_future_skew_seconds:
+            raise ValueError(f"PIPELINE_LATENESS_DAYS ({self.lateness_days}) must cover "
+                             f"PIPELINE_MAX_FUTURE_SKEW_SECONDS ({self.max_future_skew_seconds} s)")
         return self
 
     @field_validator("store")

@@ -22,7 +22,7 @@ from pipeline.identity import (
     survivor,
     survivor_of,
 )
-from pipeline.profile import DAY_MS, HISTORY_MS, ProfileState, columns, fold, is_duplicate, new_profile
+from pipeline.profile import DAY_MS, HISTORY_MS, ProfileState, columns, fold, id_digest, is_duplicate, new_profile
 
 NOW = 1_790_000_000_000
 HALF_LIFE = 30.0
@@ -199,8 +199,7 @@ def assert_same_state(merged, single):
     """Fields not in the columns, where the merge must also agree with the single fold."""
     for name in ("email_hashes", "loyalty_ids", "open_tickets", "recent_sessions", "recent_event_ids"):
         assert set(getattr(merged, name)) == set(getattr(single, name)), name
-    # fold checks the horizon before it sorts, so an order older than the kept history can stay
-    # until the next pos event; the merge trims all of them (no column can see the difference)
+    # fold trims relative to each pos event's instant, the merge to the latest of both profiles
     horizon = max(merged.updated_at, single.updated_at) - HISTORY_MS
     assert merged.orders == [o for o in single.orders if o[0] > horizon]
     assert merged.channels == single.channels
@@ -358,7 +357,7 @@ def test_absorbed_key_is_recorded_even_without_events_naming_it():
 def test_an_event_folded_into_both_counts_once_in_events_count():
     event = click("e1", NOW, {"anonymous_id": "a1"}, kind="remove_from_cart")
     merged = merge(fold_all("anon:a1", [event]), fold_all("anon:a2", [event]))
-    assert merged.events_count == 1 and merged.sessions_count == 1 and merged.recent_event_ids == ["e1"]
+    assert merged.events_count == 1 and merged.sessions_count == 1 and merged.recent_event_ids == [id_digest("e1")]
 
 
 def test_recent_ids_are_trimmed_to_the_windows():
