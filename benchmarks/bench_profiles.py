@@ -21,11 +21,15 @@ profiles obtained are the templates; ``--profiles`` profiles are clones of them 
 (c) recovery: an embedded broker; the changelog topic the worker's ``profiles`` table uses
     (``<app_id>-profiles-changelog``, PIPELINE_PARTITIONS partitions, compacted, created here first as
     faust would) filled with N records (key = customer id, value = the serialized state, on the partition
-    the worker's partitioner gives the key); then ``python -m pipeline worker`` with that app id, one
-    run per store, timed from its start to the first 200 of GET /ready. Completeness: GET /profiles/{id}
-    must answer 200 for the last 25 ids written to each partition (the embedded broker under-reports end
-    offsets, DESIGN §3: recovery must not stop short) and for 200 random ids. Ceiling: a bare
-    kafka-python consumer reading the same changelog to its end (counting records, not end offsets).
+    the worker's partitioner gives the key; each template's encoding computed once and the clone's id
+    substituted in its bytes, checked against ``_encode_state`` of the clone), in 1 MiB batches, on a
+    broker of its own per N; then ``python -m pipeline worker`` with that app id, one run per store
+    (each with a fresh data dir), timed from its start to the first 200 of GET /ready; peak RSS (VmHWM)
+    of the worker and of the broker at that moment. Completeness: GET /profiles/{id} must answer 200
+    for every id of each partition's last batch and the 25 before it (the embedded broker reports a
+    partition's end as its last batch's base offset + 1, DESIGN §3; pipeline.recovery corrects it) and
+    for 2,000 random ids (all of them up to 20,000). Ceiling: a bare kafka-python consumer reading the
+    same changelog to its end (counting records, not end offsets).
 """
 
 from __future__ import annotations
@@ -200,6 +204,10 @@ def measure_fold(pairs: list[tuple[str, Event]], segment_sets: dict[str, list[Se
 
 # --- (c) recovery --------------------------------------------------------------------------------
 
+PLACEHOLDER = "bench-#######"  # as long as clone_id(i): substituted for it in a template's encoded bytes
+TAIL_BEFORE = 25  # ids checked before each partition's last batch
+
+
 def _get(url: str, timeout: float = 5.0) -> int:
     try:
         with urllib.request.urlopen(url, timeout=timeout) as response:
@@ -210,10 +218,24 @@ def _get(url: str, timeout: float = 5.0) -> int:
         return 0
 
 
+def _clone_values(template_json: list[dict[str, Any]]) -> list[tuple[bytes, bytes] | None]:
+    """Per template, the bytes before and after the customer id in ``_encode_state`` of its clone, so a
+    clone's value is ``before + id + after`` without building it (None: the id is not there exactly once).
+    Checked below against the real encoding."""
+    parts: list[tuple[bytes, bytes] | None] = []
+    for data in template_json:
+        encoded = _encode_state(clone(data, PLACEHOLDER))
+        before, *after = encoded.split(PLACEHOLDER.encode())
+        parts.append((before, after[0]) if len(after) == 1 else None)
+    return parts
+
+
 def fill_changelog(bootstrap: str, topic: str, partitions: int, templates: list[ProfileState],
-                   count: int) -> tuple[dict[int, list[str]], int, float]:
-    """Write ``count`` profile records; returns the last ids per partition, the bytes and the seconds."""
-    from kafka import KafkaAdminClient, KafkaProducer
+                   count: int) -> dict[str, Any]:
+    """Write ``count`` profile records (the values ``_encode_state`` gives each clone; checked for every
+    template and 500 random ids) in large batches; the per-partition ends as written and as ListOffsets
+    reports them, and the ids of each partition's last batch (plus the ``TAIL_BEFORE`` before it)."""
+    from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
     from kafka.admin import NewTopic
 
     admin = KafkaAdminClient(bootstrap_servers=bootstrap, client_id="bench-admin")
@@ -222,26 +244,49 @@ def fill_changelog(bootstrap: str, topic: str, partitions: int, templates: list[
     finally:
         admin.close()
     template_json = [t.to_dict() for t in templates]
-    producer = KafkaProducer(bootstrap_servers=bootstrap, linger_ms=20, acks=1, batch_size=1024 * 1024,
+    parts = _clone_values(template_json)
+    rng = random.Random(count)
+    for i in [*range(min(count, len(template_json))), *(rng.randrange(count) for _ in range(500))]:
+        expected = _encode_state(clone(template_json[i % len(template_json)], clone_id(i)))
+        part = parts[i % len(parts)]
+        if part is not None and part[0] + clone_id(i).encode() + part[1] != expected:
+            parts[i % len(parts)] = None  # this template: encode each clone in full
+    producer = KafkaProducer(bootstrap_servers=bootstrap, linger_ms=50, acks=1, batch_size=1024 * 1024,
                              max_request_size=8 * 1024 * 1024)
-    last: dict[int, list[str]] = {p: [] for p in range(partitions)}
+    ids: dict[int, list[str]] = {p: [] for p in range(partitions)}
     total = 0
     started = time.perf_counter()
     try:
         for i in range(count):
             cid = clone_id(i)
             key = cid.encode()
-            value = _encode_state(clone(template_json[i % len(template_json)], cid))
+            part = parts[i % len(parts)]
+            value = part[0] + key + part[1] if part is not None else \
+                _encode_state(clone(template_json[i % len(template_json)], cid))
             partition = partition_for_key(key, partitions)
             producer.send(topic, key=key, value=value, partition=partition)
-            last[partition].append(cid)
-            if len(last[partition]) > 25:
-                del last[partition][0]
+            ids[partition].append(cid)
             total += len(value)
         producer.flush()
     finally:
         producer.close()
-    return last, total, time.perf_counter() - started
+    produce_s = time.perf_counter() - started
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap)
+    try:
+        reported = {tp.partition: end for tp, end in
+                    consumer.end_offsets([TopicPartition(topic, p) for p in range(partitions)]).items()}
+    finally:
+        consumer.close()
+    written = {p: len(ids[p]) for p in ids}  # a new topic: offsets 0..n-1
+    # ListOffsets answers the last batch's base offset + 1 on the embedded broker: that batch is checked whole
+    tail = {p: ids[p][max(0, min(reported[p], written[p]) - 1 - TAIL_BEFORE):] for p in ids}
+    return {"tail": tail, "bytes": total, "produce_s": produce_s, "written_ends": written,
+            "reported_ends": reported, "encoding": _encoding_name(_encode_state(templates[0])),
+            "full_encodes": sum(p is None for p in parts)}
+
+
+def _encoding_name(value: bytes) -> str:
+    return "JSON (format 0)" if value[:1] == b"{" else f"compact (format {value[0]}, pipeline.profile_encoding)"
 
 
 def bare_read(bootstrap: str, topic: str, partitions: int, count: int, timeout: float) -> float:
@@ -267,13 +312,13 @@ def bare_read(bootstrap: str, topic: str, partitions: int, count: int, timeout: 
 
 
 def recover(broker: EmbeddedBroker, tmp: Path, app_id: str, partitions: int, store: str,
-            last: dict[int, list[str]], count: int, timeout: float) -> dict[str, Any]:
+            tail: dict[int, list[str]], count: int, timeout: float) -> dict[str, Any]:
     port = free_port()
     data = tmp / f"worker-{store.rstrip(':/')}-{count}"
     env = {k: v for k, v in os.environ.items() if not k.startswith("PIPELINE_")}
     env.update({"PIPELINE_BROKER": broker.url, "PIPELINE_APP_ID": app_id, "PIPELINE_DATA_DIR": str(data),
                 "PIPELINE_TOPIC_PREFIX": f"{app_id}-", "PIPELINE_PARTITIONS": str(partitions),
-                "PIPELINE_STORE": store, "PIPELINE_HTTP_PORT": str(port), "PIPELINE_LOG_LEVEL": "warning"})
+                "PIPELINE_STORE": store, "PIPELINE_HTTP_PORT": str(port), "PIPELINE_LOG_LEVEL": "info"})
     log_path = tmp / f"worker-{store.rstrip(':/')}-{count}.log"
     base = f"http://127.0.0.1:{port}"
     with open(log_path, "wb") as log:
@@ -296,7 +341,8 @@ def recover(broker: EmbeddedBroker, tmp: Path, app_id: str, partitions: int, sto
             time.sleep(0.1)
         ready_s = time.perf_counter() - started
         peak_rss = status_kib("VmHWM", worker.pid)
-        last_ids = [cid for ids in last.values() for cid in ids]
+        broker_rss = status_kib("VmHWM", broker.process.pid) if broker.process is not None else 0
+        last_ids = [cid for ids in tail.values() for cid in ids]
         rng = random.Random(1)
         others = [clone_id(i) for i in range(count)] if count <= 20_000 else \
             [clone_id(rng.randrange(count)) for _ in range(2000)]
@@ -304,43 +350,57 @@ def recover(broker: EmbeddedBroker, tmp: Path, app_id: str, partitions: int, sto
         missing_others = sum(_get(f"{base}/profiles/{cid}", timeout=30) != 200 for cid in others)
         time.sleep(5)  # do the missing ones arrive later? (they should not be missing at all)
         still_missing = [cid for cid in missing_last if _get(f"{base}/profiles/{cid}") != 200]
+        log_lines = log_path.read_text(errors="replace").splitlines()
+        corrected = sum("changelog ends corrected" in line for line in log_lines)
         return {"store": store, "profiles": count, "ready_s": round(ready_s, 1),
                 "http_up_s": round(http_at, 1) if http_at is not None else None,
                 "per_s": round(count / ready_s), "last_checked": len(last_ids), "last_missing": len(missing_last),
                 "last_missing_ids": missing_last[:10], "last_missing_5s_later": len(still_missing),
                 "others_checked": len(others), "others_missing": missing_others,
-                "complete": not missing_last and not missing_others, "peak_rss_mib": round(peak_rss / 1024)}
+                "complete": not missing_last and not missing_others, "peak_rss_mib": round(peak_rss / 1024),
+                "broker_peak_rss_mib": round(broker_rss / 1024), "highwater_corrections_logged": corrected}
     finally:
         stop_process(worker, timeout=30)
 
 
 def measure_recovery(templates: list[ProfileState], counts: list[int], stores: list[str], partitions: int,
                      timeout: float) -> list[dict[str, Any]]:
+    """Per count, its own embedded broker (so its memory is that changelog's), filled once, read by the
+    bare consumer, then recovered by one worker per store (the same app id, each with a fresh data dir)."""
     tmp = Path(tempfile.mkdtemp(prefix="bench-profiles-"))
-    broker = EmbeddedBroker(tmp / "broker")
     rows: list[dict[str, Any]] = []
     failed = True
     try:
-        broker.start()
         for count in counts:
-            app_id = f"bench-recovery-{uuid.uuid4().hex[:6]}"
-            topic = f"{app_id}-profiles-changelog"
-            last, total, produce_s = fill_changelog(broker.bootstrap, topic, partitions, templates, count)
-            print(f"  wrote {count:,} profile records ({total / 2**20:.0f} MiB) to {topic} in {produce_s:.0f} s",
-                  flush=True)
-            bare_s = bare_read(broker.bootstrap, topic, partitions, count, timeout)
-            rows.append({"store": "bare consumer (ceiling)", "profiles": count, "ready_s": round(bare_s, 1),
-                         "per_s": round(count / bare_s), "complete": True, "bytes": total})
-            print(f"  bare consumer read them in {bare_s:.1f} s", flush=True)
-            for store in stores:  # the same app id: each run with its own data dir (a cold start)
-                row = recover(broker, tmp, app_id, partitions, store, last, count, timeout)
-                rows.append(row)
-                print(f"  {store}: ready in {row['ready_s']} s; missing: {row['last_missing']} of the "
-                      f"{row['last_checked']} last ids written, {row['others_missing']} of {row['others_checked']} "
-                      f"other ids", flush=True)
+            broker = EmbeddedBroker(tmp / f"broker-{count}")
+            try:
+                broker.start()
+                app_id = f"bench-recovery-{uuid.uuid4().hex[:6]}"
+                topic = f"{app_id}-profiles-changelog"
+                fill = fill_changelog(broker.bootstrap, topic, partitions, templates, count)
+                total, produce_s = fill["bytes"], fill["produce_s"]
+                filled_rss = status_kib("VmRSS", broker.process.pid) if broker.process is not None else 0
+                print(f"  wrote {count:,} profile records ({total / 2**20:.0f} MiB, {fill['encoding']}) to {topic} "
+                      f"in {produce_s:.1f} s ({count / produce_s:,.0f}/s); broker RSS {filled_rss / 1024:.0f} MiB; "
+                      f"ends written {fill['written_ends']}, ListOffsets {fill['reported_ends']}", flush=True)
+                bare_s = bare_read(broker.bootstrap, topic, partitions, count, timeout)
+                rows.append({"store": "bare consumer (ceiling)", "profiles": count, "ready_s": round(bare_s, 1),
+                             "per_s": round(count / bare_s), "complete": True, "bytes": total,
+                             "encoding": fill["encoding"], "fill_s": round(produce_s, 1),
+                             "fill_per_s": round(count / produce_s), "written_ends": fill["written_ends"],
+                             "reported_ends": fill["reported_ends"], "broker_rss_filled_mib": round(filled_rss / 1024)})
+                print(f"  bare consumer read them in {bare_s:.1f} s", flush=True)
+                for store in stores:  # the same app id: each run with its own data dir (a cold start)
+                    row = recover(broker, tmp, app_id, partitions, store, fill["tail"], count, timeout)
+                    rows.append(row)
+                    print(f"  {store}: ready in {row['ready_s']} s (HTTP up at {row['http_up_s']} s), worker peak "
+                          f"RSS {row['peak_rss_mib']} MiB, broker {row['broker_peak_rss_mib']} MiB; missing: "
+                          f"{row['last_missing']} of the {row['last_checked']} ids of the partitions' last batches, "
+                          f"{row['others_missing']} of {row['others_checked']} other ids", flush=True)
+            finally:
+                broker.stop()
         failed = False
     finally:
-        broker.stop()
         if failed:
             logs = HERE / "results" / "logs"
             logs.mkdir(parents=True, exist_ok=True)
