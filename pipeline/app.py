@@ -59,6 +59,7 @@ from pipeline.segments.definitions import Segment
 from pipeline.segments.live import SENTINEL_PREFIX, DefinitionLog, set_fingerprint
 from pipeline.settings import Settings
 from pipeline.sinks.clickhouse import CHANGE_TABLES, EVENT_TABLES, PROFILE_TABLES, ClickHouseWriter, event_row
+from pipeline.sinks.cluster import cluster_from_settings
 from pipeline.timers import TimerIndex
 
 log = logging.getLogger(__name__)
@@ -209,7 +210,7 @@ def create_app(settings: Settings, segments: Sequence[Segment]) -> faust.App:
     timers = TimerIndex()
     state_lock = asyncio.Lock()
     writer = ClickHouseWriter(settings.clickhouse_dsn, settings.clickhouse_database,
-                              events_ttl_days=settings.events_ttl_days)
+                              events_ttl_days=settings.events_ttl_days, cluster=cluster_from_settings(settings))
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="clickhouse")  # chDB: one thread
     partitions = settings.partitions
     metrics = Metrics()

@@ -730,15 +730,29 @@ def insights_command(
 
 
 @clickhouse_app.command("migrate")
-def clickhouse_migrate(data_dir: Path | None = typer.Option(None, "--data-dir", help=DATA_DIR_HELP)) -> None:
+def clickhouse_migrate(
+    data_dir: Path | None = typer.Option(None, "--data-dir", help=DATA_DIR_HELP),
+    print_ddl: bool = typer.Option(False, "--print", help="Print every statement for the current settings "
+                                   "(PIPELINE_CLICKHOUSE_CLUSTER: the cluster DDL) as one script, and "
+                                   "connect to nothing."),
+) -> None:
     """Create or upgrade the product's tables (versioned; running it again applies nothing).
 
     Example: pipeline clickhouse migrate --data-dir var
+    Review a cluster's DDL: PIPELINE_CLICKHOUSE_URL=http://ch:8123 PIPELINE_CLICKHOUSE_CLUSTER=prod
+    pipeline clickhouse migrate --print
     """
-    from pipeline.sinks.clickhouse import connect, migrate
+    from pipeline.sinks.clickhouse import connect, migrate, migration_script
+    from pipeline.sinks.cluster import cluster_from_settings
 
     with _guard():
         settings = _settings(data_dir=data_dir)
+        cluster = cluster_from_settings(settings)
+        if print_ddl:
+            # plain stdout: rich would wrap long lines and read [..] as markup
+            sys.stdout.write(migration_script(settings.clickhouse_database, events_ttl_days=settings.events_ttl_days,
+                                              cluster=cluster))
+            return
         if settings.embedded_clickhouse:
             directory = settings.data_dir / "clickhouse"
             if settings.data_dir.exists() and not settings.data_dir.is_dir():
@@ -749,7 +763,7 @@ def clickhouse_migrate(data_dir: Path | None = typer.Option(None, "--data-dir", 
                 raise PipelineError(f"cannot create {directory}: {exc.strerror or exc}") from None
         database = settings.clickhouse_database
         client = connect(settings.clickhouse_dsn, database=database)
-        applied = migrate(client, database)
+        applied = migrate(client, database, events_ttl_days=settings.events_ttl_days, cluster=cluster)
         versions = sorted(int(r[0]) for r in client.query(
             f"SELECT version FROM {database}.schema_migrations FINAL").result_rows)
     if applied:

@@ -49,6 +49,18 @@ class Settings(BaseSettings):
         "Default: chdb:// under DATA_DIR/clickhouse (embedded, in-process).",
     )
     clickhouse_database: str = Field("segments", description="ClickHouse database of the product's tables.")
+    clickhouse_cluster: str = Field(
+        "", description="ClickHouse cluster (remote_servers name or a macro such as '{cluster}'): the migrations "
+        "create replicated <table>_local tables ON CLUSTER and Distributed tables over them (docs/clickhouse.md; "
+        "review with `pipeline clickhouse migrate --print`). Empty: one node.")
+    clickhouse_replica_path: str = Field(
+        "/clickhouse/tables/{shard}/{database}/{table}", description="Keeper path of each replicated table, "
+        "with a cluster; must contain {shard}, and {table} or {uuid}.")
+    clickhouse_replica_name: str = Field("{replica}", description="Replica name of each replicated table, "
+                                         "with a cluster.")
+    clickhouse_sharding_key: str = Field(
+        "cityHash64(customer_id)", description="Sharding key of the Distributed tables, with a cluster: an "
+        "expression of customer_id alone, so that a customer's rows stay on one shard.")
     schema_registry_url: str | None = Field(
         None, description="Confluent-compatible Schema Registry for Avro in the wire format (optional)."
     )
@@ -134,6 +146,24 @@ class Settings(BaseSettings):
         if self.lateness_days * 86_400 < self.max_future_skew_seconds:
             raise ValueError(f"PIPELINE_LATENESS_DAYS ({self.lateness_days}) must cover "
                              f"PIPELINE_MAX_FUTURE_SKEW_SECONDS ({self.max_future_skew_seconds} s)")
+        return self
+
+    @model_validator(mode="after")
+    def _check_clickhouse(self) -> Settings:
+        dsn = self.clickhouse_dsn
+        if not dsn.startswith(("chdb://", "http://", "https://")):
+            raise ValueError("PIPELINE_CLICKHOUSE_URL: expected http(s)://user:password@host:port/database "
+                             "or chdb:///path")
+        if self.clickhouse_cluster:
+            if dsn.startswith("chdb://"):
+                raise ValueError("PIPELINE_CLICKHOUSE_CLUSTER needs a ClickHouse server (PIPELINE_CLICKHOUSE_URL="
+                                 "http(s)://...): embedded chDB has no cluster")
+            from pipeline.sinks.cluster import ClusterDDLError, cluster_from_settings
+
+            try:
+                cluster_from_settings(self)
+            except ClusterDDLError as exc:
+                raise ValueError(f"PIPELINE_CLICKHOUSE_CLUSTER: {exc}") from None
         return self
 
     @field_validator("store")

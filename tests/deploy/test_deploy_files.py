@@ -626,3 +626,25 @@ def test_cluster_ddl_has_the_migration_bookkeeping_and_records_every_version():
             recorded |= {int(next(row.find_all(exp.Literal)).name) for row in values.expressions}
     assert recorded == {version for version, _, _ in migrations("x")}, \
         "cluster.sql must record exactly the migrations whose tables it creates"
+
+
+# deploy/clickhouse/cluster.sql is generated, never edited: the settings a cluster deployment would use.
+CLUSTER_SQL_ENV = {"PIPELINE_CLICKHOUSE_URL": "http://clickhouse:8123", "PIPELINE_CLICKHOUSE_CLUSTER": "{cluster}"}
+REGENERATE = ("PIPELINE_CLICKHOUSE_URL=http://clickhouse:8123 PIPELINE_CLICKHOUSE_CLUSTER='{cluster}' "
+              "pipeline clickhouse migrate --print > deploy/clickhouse/cluster.sql")
+
+
+def test_cluster_sql_is_what_migrate_print_generates():
+    from typer.testing import CliRunner
+
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(ENV_PREFIX)}
+    with mock.patch.dict(os.environ, {**clean, **CLUSTER_SQL_ENV}, clear=True):
+        result = CliRunner().invoke(cli_app, ["clickhouse", "migrate", "--print"])
+    assert result.exit_code == 0, result.output
+    assert result.stdout == CLUSTER_SQL.read_text(), f"{CLUSTER_SQL.name} is stale; regenerate it: {REGENERATE}"
+
+
+def test_cluster_sql_names_the_cluster_by_the_macro_every_server_defines():
+    settings = settings_from_env(CLUSTER_SQL_ENV)
+    assert settings.clickhouse_cluster == "{cluster}"
+    assert settings.clickhouse_database == DEFAULT_DATABASE
