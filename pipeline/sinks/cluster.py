@@ -266,17 +266,20 @@ def delete_target(database: str, table: str, cluster: Cluster | None) -> str:
 
 def strip_cluster(sql: str) -> str:
     """The statement without its cluster-only parts (ON CLUSTER; Replicated engines become their plain
-    MergeTree): what a single ClickHouse process without Keeper can run. For tests that check the
-    generated DDL in chDB; the Distributed tables are kept."""
-    parsed = _parse(sql)
-    for on_cluster in list(parsed.find_all(exp.OnCluster)):
-        on_cluster.pop()
-    create = parsed if isinstance(parsed, exp.Create) else None
-    engine = _engine(create) if create is not None else None
-    if create is not None and engine is not None and engine[0].startswith("Replicated"):
-        prop = create.find(exp.EngineProperty)
-        assert prop is not None
-        args = engine[1][2:]
-        plain = engine[0][len("Replicated"):]
-        prop.set("this", exp.Anonymous(this=plain, expressions=args) if args else exp.to_identifier(plain))
-    return parsed.sql("clickhouse")
+    MergeTree, without the Keeper path and replica name): what a single ClickHouse process without Keeper
+    can run. The rest of the text is kept as generated. For tests that run the generated DDL in chDB; the
+    Distributed tables are kept."""
+    tokens = _tokens(sql)
+    edits = _Edits(sql)
+    for i, token in enumerate(tokens):
+        if token.token_type == TokenType.ON and i + 2 < len(tokens) and tokens[i + 1].text.upper() == "CLUSTER":
+            edits.edits.append((token.start - 1, tokens[i + 2].end + 1, ""))  # with the space before ON
+        elif token.text.startswith("Replicated") and token.text.endswith("MergeTree"):
+            edits.replace(token, token.text[len("Replicated"):])
+            args = tokens[i + 2:i + 6]  # 'path' , 'replica' then ) or ,
+            assert tokens[i + 1].token_type == TokenType.L_PAREN and len(args) == 4
+            if args[3].token_type == TokenType.R_PAREN:
+                edits.edits.append((tokens[i + 1].start, args[3].end + 1, ""))
+            else:
+                edits.edits.append((args[0].start, tokens[i + 6].start, ""))
+    return edits.apply()
