@@ -11,10 +11,14 @@ by ``pipeline.decode.decode``, keyed by ``pipeline.identity.routing_key`` and fo
 profiles obtained are the templates; ``--profiles`` profiles are clones of them under new customer ids
 (``bench-0000001``...), each decoded from its own JSON (no shared objects, as a worker holds them).
 
-(a) size: resident = RSS growth while building a dict of ``--profiles`` ProfileState objects, divided by
-    the count (the mean; the p99 is the deep ``sys.getsizeof`` of the templates, weighted as cloned);
-    serialized = ``len(pipeline.app._encode_state(state))``, the JSON bytes the worker stores (table
-    value and changelog message), mean and p99 over all profiles.
+(a) size: the worker keeps profiles in its table as encoded bytes (memory:// a dict of bytes, or RocksDB)
+    and decodes one when it reads it. Resident = RSS growth of a forked child while it builds that
+    store for ``--profiles`` profiles (key bytes -> value bytes), divided by the count: with the values
+    of ``pipeline.app._encode_state`` (the compact encoding), and with the JSON values written before it
+    (format 0); also a dict of decoded ``ProfileState`` objects (for 200,000 profiles; what the earlier
+    figure measured). Serialized = the value's length (table value and changelog message), mean, p50,
+    p99 and max over all profiles. Every profile carries the definitions fingerprint, as in the worker.
+    The fold part also gives the µs per profile to encode and decode a value, compact against JSON.
 (b) fold rate: ``step()`` calls per second on one core over the decoded events, with the default
     segments and with benchmarks/segments_50.yaml, also with ``schedule`` after each step (the worker's
     per-event work). Ceiling: ``fold`` alone (the profile update without any segment evaluation).
@@ -140,35 +144,101 @@ def percentile(values: list[float], q: float) -> float:
 
 # --- (a) size ------------------------------------------------------------------------------------
 
-def measure_size(templates: list[ProfileState], count: int) -> dict[str, Any]:
-    template_json = [t.to_dict() for t in templates]
-    serialized_t = [len(_encode_state(t)) for t in templates]
-    deep_t = [deep_size(t) for t in templates]
+def _legacy_json(data: dict[str, Any]) -> bytes:
+    """What ``_encode_state`` wrote before the compact encoding (format 0, still read): the JSON of
+    ``ProfileState.to_dict()``; from the dict directly (``asdict`` would take minutes at 1M)."""
+    return json.dumps(data, separators=(",", ":")).encode()
+
+
+def _store_child(kind: str, template_json: list[dict[str, Any]], count: int, conn: Any) -> None:
+    """In a forked child: build the store a worker holds for ``count`` profiles and send back the RSS
+    growth and the value sizes. ``compact``/``json``: a dict of key bytes -> encoded value bytes (the
+    memory:// store; ``_encode_state`` / format 0); ``objects``: a dict of decoded ``ProfileState``."""
+    def value(i: int) -> Any:
+        data = json.loads(json.dumps(template_json[i % len(template_json)]))  # fresh objects, as decoded
+        data["customer_id"] = clone_id(i)
+        if kind == "json":
+            return _legacy_json(data)
+        state = ProfileState.from_dict(data)
+        return state if kind == "objects" else _encode_state(state)
+
+    for i in range(len(template_json)):  # touch the inherited templates first (copy-on-write pages)
+        value(i)
     gc.collect()
     rss_before = status_kib("VmRSS")
     started = time.perf_counter()
-    table: dict[bytes, ProfileState] = {}
+    store: dict[bytes, Any] = {}
     for i in range(count):
-        cid = clone_id(i)
-        table[cid.encode()] = clone(template_json[i % len(templates)], cid)
+        store[clone_id(i).encode()] = value(i)
     build_s = time.perf_counter() - started
     gc.collect()
     rss_after = status_kib("VmRSS")
-    serialized = [len(_encode_state(state)) for state in table.values()]
-    weights = [deep_t[i % len(templates)] + sys.getsizeof(clone_id(i).encode()) for i in range(count)]
-    resident_mean = (rss_after - rss_before) * 1024 / count
-    del table
-    gc.collect()
-    return {
-        "profiles": count, "templates": len(templates), "build_s": round(build_s, 1),
-        "rss_delta_mib": round((rss_after - rss_before) / 1024, 1),
-        "resident_mean_b": round(resident_mean), "resident_deep_mean_b": round(sum(weights) / count),
-        "resident_deep_p99_b": round(percentile(weights, 0.99)),
-        "serialized_mean_b": round(sum(serialized) / count), "serialized_p50_b": round(percentile(serialized, 0.5)),
-        "serialized_p99_b": round(percentile(serialized, 0.99)), "serialized_max_b": max(serialized),
-        "template_serialized_p99_b": round(percentile(serialized_t, 0.99)),
-        "template_deep_mean_b": round(sum(deep_t) / len(deep_t)),
-    }
+    sizes = [len(v) for v in store.values()] if kind != "objects" else []
+    conn.send({"store": kind, "profiles": count, "build_s": round(build_s, 1),
+               "rss_delta_mib": round((rss_after - rss_before) / 1024, 1),
+               "resident_b": round((rss_after - rss_before) * 1024 / count),
+               **({"serialized_mean_b": round(sum(sizes) / count), "serialized_p50_b": round(percentile(sizes, 0.5)),
+                   "serialized_p99_b": round(percentile(sizes, 0.99)), "serialized_max_b": max(sizes)}
+                  if sizes else {})})
+    conn.close()
+
+
+def measure_size(templates: list[ProfileState], count: int, objects: int = 200_000) -> dict[str, Any]:
+    """Bytes per profile as the worker holds and sends them: for each store kind a forked child
+    builds it for ``count`` profiles (``objects``: the decoded form, for fewer, as before this
+    encoding the figures were of that form) and reports its RSS growth per profile."""
+    import multiprocessing
+
+    from pipeline.segments.live import set_fingerprint
+
+    # as in the worker, every stored profile carries the fingerprint of the definitions it was evaluated under
+    fingerprint = set_fingerprint(load_segments(None))
+    template_json = [{**t.to_dict(), "definitions": fingerprint} for t in templates]
+    sample = ProfileState.from_dict(json.loads(json.dumps(template_json[0])))
+    assert _legacy_json(template_json[0]) == json.dumps(sample.to_dict(), separators=(",", ":")).encode()
+    context = multiprocessing.get_context("fork")
+    rows = []
+    for kind, n in (("compact", count), ("json", count), ("objects", min(objects, count))):
+        parent, child = context.Pipe(duplex=False)
+        process = context.Process(target=_store_child, args=(kind, template_json, n, child))
+        process.start()
+        child.close()
+        rows.append(parent.recv())
+        process.join()
+        print(f"    {kind}: {rows[-1]}", flush=True)
+    deep_t = [deep_size(ProfileState.from_dict(json.loads(json.dumps(t)))) for t in template_json]
+    compact_t = [len(_encode_state(ProfileState.from_dict(json.loads(json.dumps(t))))) for t in template_json]
+    return {"profiles": count, "templates": len(templates), "stores": rows,
+            "decoded_deep_mean_b": round(sum(deep_t) / len(deep_t)),
+            "decoded_deep_p99_b": round(percentile(deep_t, 0.99)),
+            "template_compact_p99_b": round(percentile(compact_t, 0.99))}
+
+
+def measure_codec(states: list[ProfileState], repeat: int = 3) -> list[dict[str, Any]]:
+    """µs per profile to encode and to decode it: ``_encode_state``/``_decode_state`` (compact) against
+    the JSON the worker used before (``to_dict`` + ``json.dumps``; ``json.loads`` + ``from_dict``);
+    CPU time, best of ``repeat`` passes over ``states``."""
+    from pipeline.app import _decode_state
+
+    def best(fn: Any, values: list[Any]) -> float:
+        times = []
+        for _ in range(repeat):
+            started = time.process_time()
+            for v in values:
+                fn(v)
+            times.append(time.process_time() - started)
+        return min(times) / len(values) * 1e6
+
+    compact = [_encode_state(s) for s in states]
+    legacy = [json.dumps(s.to_dict(), separators=(",", ":")).encode() for s in states]
+    return [
+        {"variant": "encode, compact (_encode_state)", "us_per_profile": round(best(_encode_state, states), 1)},
+        {"variant": "encode, JSON (before)", "us_per_profile": round(best(
+            lambda s: json.dumps(s.to_dict(), separators=(",", ":")).encode(), states), 1)},
+        {"variant": "decode, compact (_decode_state)", "us_per_profile": round(best(_decode_state, compact), 1)},
+        {"variant": "decode, JSON (before)", "us_per_profile": round(best(
+            lambda v: ProfileState.from_dict(json.loads(v)), legacy), 1)},
+    ]
 
 
 # --- (b) fold rate -------------------------------------------------------------------------------
@@ -438,18 +508,28 @@ def main() -> None:
                            "cpus": os.cpu_count(), "templates": len(templates), "events": len(pairs),
                            "days": args.days}
     if "size" in only:
+        print("\n(a) size", flush=True)
         size = measure_size(templates, args.profiles)
         out["size"] = size
-        print(f"\n(a) {size['profiles']:,} profiles in a dict: RSS +{size['rss_delta_mib']} MiB = "
-              f"{size['resident_mean_b']} B/profile resident (deep getsizeof mean {size['resident_deep_mean_b']} B, "
-              f"p99 {size['resident_deep_p99_b']} B); serialized mean {size['serialized_mean_b']} B, "
-              f"p99 {size['serialized_p99_b']} B (goals: <= 1,024 B resident, <= 300 B serialized)", flush=True)
+        print(f"    {'store (what the worker holds)':<34}{'profiles':>10}{'RSS MiB':>9}{'B/profile':>10}"
+              f"{'value mean':>11}{'p50':>6}{'p99':>6}{'max':>6}")
+        for r in size["stores"]:
+            print(f"    {r['store']:<34}{r['profiles']:>10,}{r['rss_delta_mib']:>9}{r['resident_b']:>10,}"
+                  f"{r.get('serialized_mean_b', '-'):>11}{r.get('serialized_p50_b', '-'):>6}"
+                  f"{r.get('serialized_p99_b', '-'):>6}{r.get('serialized_max_b', '-'):>6}")
+        print(f"    decoded ProfileState, deep getsizeof: mean {size['decoded_deep_mean_b']} B, p99 "
+              f"{size['decoded_deep_p99_b']} B (goals: <= 1,024 B resident, <= 300 B serialized)", flush=True)
     if "fold" in only:
         fold_rows = measure_fold(pairs, {"default": default_segments, "segments_50": fifty})
         out["fold"] = fold_rows
         print(f"\n(b) {'variant':<36}{'segments':>9}{'calls/s':>10}{'µs/call':>9}")
         for r in fold_rows:
             print(f"    {r['variant']:<36}{r['segments']:>9}{r['per_s']:>10,}{r['us_per_call']:>9}")
+        codec_rows = measure_codec(templates)
+        out["codec"] = codec_rows
+        print(f"    {'stored value, per profile':<36}{'µs':>9}")
+        for r in codec_rows:
+            print(f"    {r['variant']:<36}{r['us_per_profile']:>9}")
     if "recovery" in only:
         counts = [int(c) for c in args.recovery.split(",") if c]
         stores = [f"{s}://" for s in args.stores.split(",")]
