@@ -29,6 +29,7 @@ from faust.streams import _current_event
 from pipeline import codecs, profile_encoding
 from pipeline.api import WorkerBackend, build_api, dashboard_data, start_api, stop_api
 from pipeline.broker import topics as t
+from pipeline.broker.batches import BatchConsumer
 from pipeline.cohorts import cohort, segment_sizes
 from pipeline.control import DONE, HEADER, MARKER, Completion, Marker, control_kind
 from pipeline.decode import Limits, decode, schema_id_of
@@ -64,13 +65,27 @@ from pipeline.timers import TimerIndex
 
 log = logging.getLogger(__name__)
 
+# faust's RocksDB defaults are per partition database: 64 MiB memtables (up to 3) and a 2 GiB block
+# cache each, 8 databases at 4 partitions. The soak (issue 8) saw the memtables alone grow the
+# worker ~21 MiB/min toward that bound. Profiles are ~2 KB: 8 MiB memtables flush every minute or so
+# at 300 events/s; reads of older profiles come from the OS page cache under the small block cache.
+ROCKSDB_OPTIONS = {"write_buffer_size": 8 * 2**20, "max_write_buffer_number": 2, "block_cache_size": 8 * 2**20}
+
 
 class _PartitionOf:
     """Stands for an event of a partition: faust's RocksDB store picks the partition's DB
     from the current event, and in a batch (or a timer) the current event is not the key's."""
 
+    __slots__ = ("message", "__weakref__")
+
+    class _Message:
+        __slots__ = ("partition",)
+
+        def __init__(self, partition: int) -> None:
+            self.partition = partition
+
     def __init__(self, partition: int) -> None:
-        self.message = type("M", (), {"partition": partition})()
+        self.message = self._Message(partition)
 
 
 class Clock:
@@ -112,12 +127,14 @@ class PartitionedStore:
 
     def __init__(self, table: Any) -> None:
         self.table = table
-        self._pins: list[_PartitionOf] = []
+        self._pins: dict[int, Any] = {}  # partition -> weak reference to its stand-in, kept alive here
 
     def _pin(self, partition: int) -> None:
-        marker = _PartitionOf(partition)
-        self._pins = [marker]  # keep it alive: faust holds only a weak reference
-        _current_event.set(weakref.ref(marker))  # type: ignore[arg-type]
+        pin = self._pins.get(partition)
+        if pin is None:
+            marker = _PartitionOf(partition)
+            pin = self._pins[partition] = (marker, weakref.ref(marker))  # faust holds only a weak reference
+        _current_event.set(pin[1])  # type: ignore[arg-type]  # a stand-in, not an EventT
 
     def get(self, key: bytes, partition: int) -> bytes | None:
         self._pin(partition)
@@ -184,6 +201,9 @@ def create_app(settings: Settings, segments: Sequence[Segment]) -> faust.App:
         topic_allow_declare=True,
         key_serializer="raw",
         value_serializer="raw",
+        # A few ms of linger packs a batch's sends into a few produce requests instead of one
+        # request per message (syscalls and broker work per request dominated the profile).
+        producer_linger=0.005,
     )
     clock = Clock(settings.clock)
     limits = Limits(settings.max_message_bytes, int(settings.max_future_skew_seconds * 1000),
@@ -192,7 +212,6 @@ def create_app(settings: Settings, segments: Sequence[Segment]) -> faust.App:
     config = Config(settings.affinity_half_life_days, settings.dedup_window_events,
                     int(settings.timer_sweep_seconds * 1000), settings.lateness_days)
     raw: dict[str, Any] = {"key_serializer": "raw", "value_serializer": "raw"}
-    inputs = app.topic(*(settings.topic(n) for n in t.INPUTS), **raw)
     source_of = {settings.topic(n): n for n in t.INPUTS}
     customer_events = app.topic(settings.topic(t.CUSTOMER_EVENTS), **raw)
     changes_name = settings.topic(t.SEGMENT_CHANGES)
@@ -204,9 +223,11 @@ def create_app(settings: Settings, segments: Sequence[Segment]) -> faust.App:
     folded_name = settings.topic(t.FOLDED_EVENTS)
     folded_topic = app.topic(folded_name, **raw)
     control_topic = app.topic(settings.topic(t.CONTROL), **raw)
-    profiles = app.Table("profiles", partitions=settings.partitions, key_type=bytes, value_type=bytes)
+    profiles = app.Table("profiles", partitions=settings.partitions, key_type=bytes, value_type=bytes,
+                         options=dict(ROCKSDB_OPTIONS))
     store = PartitionedStore(profiles)
-    aliases = PartitionedStore(app.Table("aliases", partitions=settings.partitions, key_type=bytes, value_type=bytes))
+    aliases = PartitionedStore(app.Table("aliases", partitions=settings.partitions, key_type=bytes, value_type=bytes,
+                                         options=dict(ROCKSDB_OPTIONS)))
     timers = TimerIndex()
     state_lock = asyncio.Lock()
     writer = ClickHouseWriter(settings.clickhouse_dsn, settings.clickhouse_database,
@@ -215,6 +236,8 @@ def create_app(settings: Settings, segments: Sequence[Segment]) -> faust.App:
     partitions = settings.partitions
     metrics = Metrics()
     metrics.on_scrape(lambda m: m.set_timers_pending(len(timers)))
+
+    stage_lags: list[Any] = []  # lag() of the batched stages (below)
 
     def scrape_lag(m: Metrics) -> None:
         """Consumer lag per assigned partition: the highwater the fetcher last saw minus the committed
@@ -229,6 +252,9 @@ def create_app(settings: Settings, segments: Sequence[Segment]) -> faust.App:
                 continue
             committed = getattr(consumer, "_committed_offset", {}).get(tp) or 0
             m.set_consumer_lag(tp.topic, tp.partition, max(0, (highwater or 0) - committed))
+        for lags in stage_lags:
+            for (topic, partition), lag in lags().items():
+                m.set_consumer_lag(topic, partition, lag)
 
     metrics.on_scrape(scrape_lag)
     definitions = Definitions(segments)
@@ -253,42 +279,39 @@ def create_app(settings: Settings, segments: Sequence[Segment]) -> faust.App:
             else:
                 sends.append(await profiles_topic.send(key=key, value=codecs.encode_profile(result.row)))
 
-    @app.agent(inputs)
-    async def ingest(stream: Any) -> None:
-        loop = asyncio.get_running_loop()
-        async for batch in stream.take_events(settings.batch_size, settings.batch_seconds):
-            if isinstance(resolver, RegistrySchemas):
-                # Fetch unknown schema ids off the event loop, once per id; decode then reads the cache.
-                ids = {i for e in batch if (i := schema_id_of(e.message.value))}
-                if resolver.missing(ids):
-                    await loop.run_in_executor(None, resolver.prefetch, ids)
-            sends: list[Any] = []
-            for event in batch:
-                message = event.message
-                metrics.event_in(message.topic)
-                if control_kind(message.headers) == MARKER:
-                    # Everything before the marker must be on its way before the marker is.
-                    await asyncio.gather(*sends)
-                    sends = []
-                    marker = Marker.decode(message.value).via(f"{message.topic}:{message.partition}")
-                    await forward_marker(marker, customer_events, dead_topic)
-                    continue
-                result = decode(source_of[message.topic], message.value, now_ms=int(time.time() * 1000),
-                                limits=limits, resolver=resolver)
-                if isinstance(result, DeadLetter):
-                    metrics.dead_letter(source_of[message.topic], result.error_class)
-                    dead = DeadLetter(redact_emails(result.payload), result.error_class, result.error_message,
-                                      message.topic, message.partition, message.offset)
-                    log.warning("dead letter %s[%s]@%s: %s", message.topic, message.partition, message.offset,
-                                result.error_message)
-                    sends.append(await dead_topic.send(key=message.key, value=dead.payload,
-                                                       headers=dead.headers()))
-                    continue
-                key = routing_key(customer_id=result.customer_id, loyalty_id=result.loyalty_id,
-                                  email_hash=result.email_hash, anonymous_id=result.anonymous_id)
-                assert key is not None  # decode refuses events without an identifier
-                sends.append(await customer_events.send(key=key.encode(), value=codecs.encode_event(result)))
-            await asyncio.gather(*sends)
+    async def ingest(batch: Sequence[Any]) -> None:
+        """Decode a batch of input records and repartition them by customer (``customer-events``);
+        bad ones become dead letters. Returns once every send was acknowledged."""
+        if isinstance(resolver, RegistrySchemas):
+            # Fetch unknown schema ids off the event loop, once per id; decode then reads the cache.
+            ids = {i for r in batch if (i := schema_id_of(r.value))}
+            if resolver.missing(ids):
+                await asyncio.get_running_loop().run_in_executor(None, resolver.prefetch, ids)
+        sends: list[Any] = []
+        now_ms = int(time.time() * 1000)
+        for record in batch:
+            metrics.event_in(record.topic)
+            if control_kind(record.headers) == MARKER:
+                # Everything before the marker must be on its way before the marker is.
+                await asyncio.gather(*sends)
+                sends = []
+                marker = Marker.decode(record.value).via(f"{record.topic}:{record.partition}")
+                await forward_marker(marker, customer_events, dead_topic)
+                continue
+            result = decode(source_of[record.topic], record.value, now_ms=now_ms, limits=limits, resolver=resolver)
+            if isinstance(result, DeadLetter):
+                metrics.dead_letter(source_of[record.topic], result.error_class)
+                dead = DeadLetter(redact_emails(result.payload), result.error_class, result.error_message,
+                                  record.topic, record.partition, record.offset)
+                log.warning("dead letter %s[%s]@%s: %s", record.topic, record.partition, record.offset,
+                            result.error_message)
+                sends.append(await dead_topic.send(key=record.key, value=dead.payload, headers=dead.headers()))
+                continue
+            key = routing_key(customer_id=result.customer_id, loyalty_id=result.loyalty_id,
+                              email_hash=result.email_hash, anonymous_id=result.anonymous_id)
+            assert key is not None  # decode refuses events without an identifier
+            sends.append(await customer_events.send(key=key.encode(), value=codecs.encode_event(result)))
+        await asyncio.gather(*sends)
 
     markers_in = Completion()
     busy_since_marker: set[int] = set()  # partitions that sent commands since their last round marker
@@ -662,54 +685,52 @@ def create_app(settings: Settings, segments: Sequence[Segment]) -> faust.App:
 
     sink_markers = Completion()
 
-    @app.agent(app.topic(changes_name, profiles_name, dead_name, folded_name, **raw))
-    async def clickhouse_sink(stream: Any) -> None:
+    async def clickhouse_sink(batch: Sequence[Any]) -> None:
+        """Write a batch of output records to ClickHouse; returns once ClickHouse took them all."""
         loop = asyncio.get_running_loop()
-        async for batch in stream.take_events(settings.sink_batch_size, settings.sink_batch_seconds):
-            pending = _SinkBatch()
-            markers = []
-            for event in batch:
-                message = event.message
-                headers = _headers(message)
-                if headers.get(HEADER) == MARKER:
-                    markers.append((message.topic, message.partition, Marker.decode(message.value)))
-                elif message.topic == changes_name:
-                    if message.value is None:  # an erased customer: its changes leave ClickHouse
-                        at = int(headers.get(AT_HEADER, b"0") or 0)
-                        pending.delete(message.key.decode(), at, CHANGE_TABLES)
-                        continue
-                    change = codecs.decode_change(message.value)
-                    if change["cause"] == "erasure":
-                        continue  # on the topic for subscribers; in ClickHouse the erasure deletes instead
-                    if pending.deleted(change["customer_id"]):
-                        await _retry(loop, pending.flush())
-                    pending.changes.append(change)
-                elif message.topic == folded_name:
-                    customer_id = message.key.decode()
-                    if message.value is None:  # an erased customer: its events leave ClickHouse
-                        pending.delete(customer_id, int(headers.get(AT_HEADER, b"0") or 0), EVENT_TABLES)
-                        continue
-                    if pending.deleted(customer_id):
-                        await _retry(loop, pending.flush())
-                    pending.events.extend(event_row(e, customer_id) for e in json.loads(message.value))
-                elif message.topic == profiles_name:
-                    if message.value is None:  # a tombstone: the profile was absorbed or erased
-                        at = int(headers.get(AT_HEADER, b"0") or 0)
-                        pending.delete(message.key.decode(), at, PROFILE_TABLES)
-                        continue
-                    row = codecs.decode_profile(message.value)
-                    if pending.deleted(row["customer_id"]):
-                        await _retry(loop, pending.flush())
-                    pending.rows.append(row)
-                else:
-                    pending.dead.append(_dead_letter_row(message))
-            await _retry(loop, pending.flush())
-            for topic, partition, marker in markers:
-                expected = marker.partitions * (3 + marker.origins)  # changes, profiles, events, dead letters
-                if sink_markers.add(marker.run_id, "sink", (topic, partition, marker.origin), expected):
-                    log.info("run %s: every event processed and flushed", marker.run_id)
-                    await (await control_topic.send(key=marker.run_id.encode(), value=marker.encode(),
-                                                    headers=[(HEADER, DONE)]))
+        pending = _SinkBatch()
+        markers = []
+        for message in batch:
+            headers = _headers(message)
+            if headers.get(HEADER) == MARKER:
+                markers.append((message.topic, message.partition, Marker.decode(message.value)))
+            elif message.topic == changes_name:
+                if message.value is None:  # an erased customer: its changes leave ClickHouse
+                    at = int(headers.get(AT_HEADER, b"0") or 0)
+                    pending.delete(message.key.decode(), at, CHANGE_TABLES)
+                    continue
+                change = codecs.decode_change(message.value)
+                if change["cause"] == "erasure":
+                    continue  # on the topic for subscribers; in ClickHouse the erasure deletes instead
+                if pending.deleted(change["customer_id"]):
+                    await _retry(loop, pending.flush())
+                pending.changes.append(change)
+            elif message.topic == folded_name:
+                customer_id = message.key.decode()
+                if message.value is None:  # an erased customer: its events leave ClickHouse
+                    pending.delete(customer_id, int(headers.get(AT_HEADER, b"0") or 0), EVENT_TABLES)
+                    continue
+                if pending.deleted(customer_id):
+                    await _retry(loop, pending.flush())
+                pending.events.extend(event_row(e, customer_id) for e in json.loads(message.value))
+            elif message.topic == profiles_name:
+                if message.value is None:  # a tombstone: the profile was absorbed or erased
+                    at = int(headers.get(AT_HEADER, b"0") or 0)
+                    pending.delete(message.key.decode(), at, PROFILE_TABLES)
+                    continue
+                row = codecs.decode_profile(message.value)
+                if pending.deleted(row["customer_id"]):
+                    await _retry(loop, pending.flush())
+                pending.rows.append(row)
+            else:
+                pending.dead.append(_dead_letter_row(message))
+        await _retry(loop, pending.flush())
+        for topic, partition, marker in markers:
+            expected = marker.partitions * (3 + marker.origins)  # changes, profiles, events, dead letters
+            if sink_markers.add(marker.run_id, "sink", (topic, partition, marker.origin), expected):
+                log.info("run %s: every event processed and flushed", marker.run_id)
+                await (await control_topic.send(key=marker.run_id.encode(), value=marker.encode(),
+                                                headers=[(HEADER, DONE)]))
 
     class _SinkBatch:
         """Rows to insert and customers to delete, applied in order: rows that follow a deletion
@@ -822,6 +843,34 @@ def create_app(settings: Settings, segments: Sequence[Segment]) -> faust.App:
                     await asyncio.sleep(0.1)
                 delay = min(delay * 2, 30.0)
 
+    # The stateless stages read whole batches outside faust's per-message dispatch (see
+    # pipeline.broker.batches); each has its own consumer group and commits after its handler.
+    groups = [
+        BatchConsumer(bootstrap_servers=settings.bootstrap_servers, group_id=f"{settings.app_id}-ingest",
+                      topics=[settings.topic(n) for n in t.INPUTS], max_records=settings.batch_size,
+                      max_wait_s=settings.batch_seconds, options=settings.aiokafka_options()),
+        BatchConsumer(bootstrap_servers=settings.bootstrap_servers, group_id=f"{settings.app_id}-clickhouse",
+                      topics=[changes_name, profiles_name, dead_name, folded_name],
+                      max_records=settings.sink_batch_size, max_wait_s=settings.sink_batch_seconds,
+                      options=settings.aiokafka_options()),
+    ]
+    stage_lags.extend(group.lag for group in groups)
+
+    @app.task
+    async def ingest_stage() -> None:
+        await groups[0].run(ingest)
+
+    @app.task
+    async def clickhouse_stage() -> None:
+        await groups[1].run(clickhouse_sink)
+
+    @app.on_before_shutdown.connect  # type: ignore[arg-type]  # mode's stub misses async receivers
+    async def drain_stages(sender: Any, **kwargs: Any) -> None:
+        """On stop (faust has drained the profile stage by now): finish the batches in hand,
+        write what is fetched, commit, leave the groups — while the producer still runs."""
+        for group in groups:
+            await group.stop()
+
     return app
 
 
@@ -845,4 +894,4 @@ def _dead_letter_row(message: Any) -> dict[str, Any]:
             "source_offset": number("source_offset"), "error_class": header("error_class"),
             "error_message": header("error_message"),
             "payload": bytes(message.value or b"").decode("utf-8", "replace"),
-            "received_at": int(message.timestamp * 1000) if message.timestamp else int(time.time() * 1000)}
+            "received_at": message.timestamp if message.timestamp else int(time.time() * 1000)}  # ms

@@ -237,7 +237,11 @@ def worker() -> None:
     if config is None:
         logging.basicConfig(level=settings.log_level.upper())
     faust_app = create_app(settings, segments)
-    Worker(faust_app, loglevel=settings.log_level, logging_config=config).execute_from_commandline()
+    runner = Worker(faust_app, loglevel=settings.log_level, logging_config=config)
+    # faust's terminal spinner sets the root logger to DEBUG (to spin on every record) when the
+    # level is WARNING or above: every debug call in faust and aiokafka would build a record.
+    runner.spinner = None
+    runner.execute_from_commandline()
 
 
 @app.command("replay")
