@@ -29,7 +29,7 @@ from faust.streams import _current_event
 from pipeline import codecs, profile_encoding
 from pipeline.api import WorkerBackend, build_api, dashboard_data, start_api, stop_api
 from pipeline.broker import topics as t
-from pipeline.broker.batches import BatchConsumer
+from pipeline.broker.batches import FETCH_MAX_WAIT_MS, BatchConsumer
 from pipeline.cohorts import cohort, segment_sizes
 from pipeline.control import DONE, HEADER, MARKER, Completion, Marker, control_kind
 from pipeline.decode import Limits, decode, schema_id_of
@@ -180,7 +180,31 @@ class Definitions:
         self.fingerprint = set_fingerprint(self.current)
 
 
+def _short_fetch_wait() -> None:
+    """Make faust's consumer ask for data every FETCH_MAX_WAIT_MS instead of every 1.5 s.
+
+    faust builds its aiokafka consumer with ``fetch_max_wait_ms=1500`` (not a setting), and the
+    embedded broker does not answer a waiting fetch when data arrives: measured here, one record's
+    fetch latency is 115 ms at 500 ms, 16 ms at 100 ms, 4 ms at 10 ms (p50). The profile stage
+    added hundreds of ms to every event's latency; an idle consumer now polls 50 times a second.
+    """
+    from faust.transport.drivers import aiokafka as driver
+
+    create = driver.AIOKafkaConsumerThread._create_worker_consumer
+    if getattr(create, "short_fetch_wait", False):
+        return
+
+    def create_with_short_wait(self: Any, transport: Any) -> Any:
+        consumer = create(self, transport)
+        consumer._fetch_max_wait_ms = FETCH_MAX_WAIT_MS  # read by consumer.start() when it builds its fetcher
+        return consumer
+
+    create_with_short_wait.short_fetch_wait = True  # type: ignore[attr-defined]
+    driver.AIOKafkaConsumerThread._create_worker_consumer = create_with_short_wait  # type: ignore[method-assign]
+
+
 def create_app(settings: Settings, segments: Sequence[Segment]) -> faust.App:
+    _short_fetch_wait()
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     # Shared with the other workers through the group's assignment: where each one's API is.
     web_identity: dict[str, Any] = {"canonical_url": settings.advertised_url} if settings.http_port else {}
@@ -793,7 +817,7 @@ def create_app(settings: Settings, segments: Sequence[Segment]) -> faust.App:
     def ready() -> bool:
         topic = customer_events.get_topic_name()
         assigned = any(tp.topic == topic for tp in app.assignor.assigned_actives())
-        return assigned and not app.rebalancing and not app.in_recovery
+        return assigned and not app.rebalancing and not app.in_recovery and all(g.joined() for g in groups)
 
     def owner(customer_id: str) -> str | None:
         """The API URL of the worker that owns this customer's partition (None: this one, or unknown)."""

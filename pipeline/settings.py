@@ -85,7 +85,8 @@ class Settings(BaseSettings):
         None, description="YAML file or directory of segment definitions. Default: the built-in examples."
     )
     batch_size: int = Field(2000, ge=1, description="Most events a worker takes in one batch.")
-    batch_seconds: float = Field(0.2, gt=0, description="Longest a worker waits to fill a batch.")
+    batch_seconds: float = Field(0.05, gt=0, description="Longest a worker waits to fill a batch (at low rates, up "
+                                 "to this much latency per stage).")
     sink_batch_size: int = Field(10000, ge=1, description="Most rows in one ClickHouse insert.")
     sink_batch_seconds: float = Field(0.5, gt=0, description="Longest the ClickHouse writer waits to fill a batch.")
     store_events: bool = Field(True, description="Keep the normalized events in ClickHouse table `events` "

@@ -16,7 +16,7 @@ import logging
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import CommitFailedError, KafkaError
 from aiokafka.structs import OffsetAndMetadata
 
@@ -27,6 +27,9 @@ Handler = Callable[[Sequence[Any]], Awaitable[None]]
 # Short group timeouts: a worker that stops is replaced within seconds (the embedded broker
 # keeps a departed member until its session times out).
 GROUP_TIMEOUTS = {"session_timeout_ms": 6000, "heartbeat_interval_ms": 1000, "rebalance_timeout_ms": 6000}
+# The embedded broker answers a fetch when its wait expires, not when data arrives (measured:
+# p50 115 ms at aiokafka's default 500 ms, 4 ms at 10 ms): a short wait keeps latency low.
+FETCH_MAX_WAIT_MS = 20
 
 
 class BatchConsumer:
@@ -41,17 +44,20 @@ class BatchConsumer:
         self.max_records = max_records
         self.max_wait_ms = max(1, int(max_wait_s * 1000))
         self._options = {"bootstrap_servers": bootstrap_servers, "group_id": group_id, "enable_auto_commit": False,
-                         "auto_offset_reset": "earliest", "max_poll_interval_ms": 300_000, **GROUP_TIMEOUTS,
+                         "auto_offset_reset": "earliest", "max_poll_interval_ms": 300_000,
+                         "fetch_max_wait_ms": FETCH_MAX_WAIT_MS, **GROUP_TIMEOUTS,
                          **(options or {})}
         self._consumer: AIOKafkaConsumer | None = None
         self._committed: dict[TopicPartition, int] = {}
         self._stopping = asyncio.Event()
         self._done = asyncio.Event()
+        self._joined = asyncio.Event()
 
     async def run(self, handle: Handler) -> None:
-        consumer = AIOKafkaConsumer(*self.topics, **self._options)
+        consumer = AIOKafkaConsumer(**self._options)
         self._consumer = consumer
         await consumer.start()
+        consumer.subscribe(self.topics, listener=_Joined(self._joined))
         try:
             while not self._stopping.is_set():
                 await self._one_batch(consumer, handle, self.max_wait_ms)
@@ -118,5 +124,17 @@ class BatchConsumer:
                 lags[(tp.topic, tp.partition)] = max(0, highwater - self._committed.get(tp, 0))
         return lags
 
-    def assigned(self) -> bool:
-        return self._consumer is not None and bool(self._consumer.assignment())
+    def joined(self) -> bool:
+        """The group gave this consumer its partitions (perhaps none) at least once."""
+        return self._joined.is_set()
+
+
+class _Joined(ConsumerRebalanceListener):  # type: ignore[misc]
+    def __init__(self, joined: asyncio.Event) -> None:
+        self.joined = joined
+
+    async def on_partitions_revoked(self, revoked: Any) -> None:
+        pass
+
+    async def on_partitions_assigned(self, assigned: Any) -> None:
+        self.joined.set()
