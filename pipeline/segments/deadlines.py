@@ -31,8 +31,19 @@ comparisons per bound. A monotone comparison flips at most once per piece, and a
 on integer milliseconds finds the flip exactly (the very functions the compiler evaluates, on
 the profile's columns at that instant: rounding included). The predicate itself (with its
 three-valued NULL logic) is then evaluated at every flip and breakpoint in time order; the first
-instant where membership differs is the answer. Top-level AND terms that read no time-dependent
-input are evaluated first: when one is false or NULL the segment can never hold, whatever time
+instant where membership differs is the answer.
+
+``top_category`` is not walked change by change: two nearly tied categories (weights 3.0 and
+2.99999999973, from views 1 ms apart) swap places whenever a rounding boundary falls between them,
+at most 1e-6 steps, hundreds of thousands of times, none of which changes ``top_category =
+'garden'``. A comparison that reads it is searched once per category it can take (with it held);
+between the window breakpoints and all those flips, membership is then a function of
+``top_category`` alone, so the only changes that matter are those to a category that gives the
+other membership (evaluated once per category). The first is found by jumping: a wanted category
+must first rank above the current top, at the first instant some does the top is checked, and the
+jump repeats from there (``_Context.next_top_in``). A category whose weight never exceeds the
+top's and that loses ties (an exact tie, for one) is never searched. Top-level AND terms that
+read no time-dependent input are evaluated first: when one is false or NULL the segment can never hold, whatever time
 does (most profiles stop there).
 
 Cost (the worker asks once per changed profile per batch). One call shares its per-instant work
@@ -59,8 +70,8 @@ Piecewise inputs are never swept: any expression of ``orders_Nd``/``spend_Nd``/`
 Inexact (sound, and returns an instant at which nothing may change): a predicate reading
 ``now()`` whose comparisons have not flipped within ``HORIZON_MS`` (10 years) returns that
 horizon unless each is already at its final value; a search stopped by its caps (more than
-``MAX_PIECES`` breakpoints, or ``top_category`` with two categories tied to 1e-6 for more than
-``TOP_CAP`` rounding steps) returns the instant it reached.
+``MAX_PIECES`` order breakpoints, or ``top_category`` with categories tied to 1e-6 for more than
+``TOP_CAP`` rounding steps or jumps) returns the instant it reached.
 
 Columns that change only with evaluation itself (``segments``, ``version``, ``updated_at``) are
 taken as constant between events.
@@ -132,6 +143,7 @@ class _Probe:
     reads_now: bool
     threshold: tuple[str, float] | None = None  # ``category_affinity['k'] OP c``: the key, and the unrounded
     # affinity at which the rounded one crosses c (where the flip is: a guess, always verified)
+    reads_top: bool = False  # then it is monotone only between top_category changes
 
     def value(self, row: dict[str, Any], ctx: _Context, t: int) -> bool | None:
         """Its truth at ``t``; None for NULL (which only the held inputs decide)."""
@@ -275,8 +287,9 @@ def _probe(node: exp.Expression, direction: int | None) -> _Probe | None:
                 keys = None
     reads_aff = any(_is_affinity(n) for n in node.walk())
     reads_now = any(_is_now(n) for n in node.walk())
+    reads_top = any(isinstance(n, exp.Column) and n.name == TOP for n in node.walk())
     return _Probe(compile_expression(node), direction, None if keys is None else frozenset(keys), reads_aff,
-                  reads_now, _threshold(node))
+                  reads_now, _threshold(node), reads_top)
 
 
 def _unparen(node: Any) -> Any:
@@ -542,11 +555,35 @@ class _Context:
         self._top[t0] = (best, None if best is None else bound)
         return best
 
+    def next_top_in(self, wanted: set[str], t0: int, end: int) -> int | None:
+        """The first instant in (t0, end] at which top_category is one of ``wanted`` (it is not at t0), None
+        when there is none; or, when TOP_CAP steps do not reach it, the instant reached (it is not one there).
+        Changes of top_category among the other categories are jumped over, not walked: two nearly tied
+        categories can swap places at almost every rounding step, hundreds of thousands of times."""
+        t = self.next_top_change(t0, end)  # top_category must change first (cached: shared by segments)
+        for _ in range(TOP_CAP):
+            if t is None or t > end:
+                return None
+            top = self.affinity_top(t)[1]
+            if top in wanted:
+                return t
+            assert top is not None
+            # to be top, a wanted category must first rank above the current one: no earlier instant can do
+            best: int | None = None
+            for category in wanted:
+                beat = self._first_beat(top, category, t, end if best is None else min(end, best - 1))
+                if beat is not None and (best is None or beat < best):
+                    best = beat
+            t = best
+        return None if t is None or t > end else t
+
     def _first_beat(self, top: str, other: str, t0: int, bound: int | None = None) -> int | None:
         """The first instant > t0 at which ``other`` ranks above ``top`` (columns' tie-break: equal
         rounded scores go to the name first in sorted order), or the instant a capped search reached;
         an instant > ``bound`` only says "not up to bound"."""
         wins_ties = other < top
+        if not wins_ties and self._never_above(other, top, t0):
+            return None  # (an exact tie, for one: both fall through every rounding step together)
 
         def beats(t: int) -> bool:
             a, b = self.score(other, t), self.score(top, t)
@@ -570,6 +607,23 @@ class _Context:
                 return None if stop == end else stop
             t = max(reached, self._gap_closes(top, other, t, stop))
         return t
+
+    def _never_above(self, lower: str, upper: str, t: int) -> bool:
+        """From t on, ``lower``'s decayed weight never exceeds ``upper``'s, so neither does its rounded
+        affinity. log2 of a weight is piecewise linear in time (flat until its as_of, then falling 1 per
+        half-life), so the difference is largest at t or at an as_of; the margin covers float rounding."""
+        (raw_l, as_l), (raw_u, as_u) = self.state.affinity[lower], self.state.affinity[upper]
+        if raw_l == raw_u and as_l == as_u:
+            return True  # computed identically: equal at every instant
+        if raw_l <= 0.0:
+            return True
+        if raw_u <= 0.0:
+            return False
+        hl = self.half_life_ms
+        for s in {t, max(t, as_l), max(t, as_u)}:
+            if (math.log2(raw_l) - max(0.0, s - as_l) / hl) > (math.log2(raw_u) - max(0.0, s - as_u) / hl) - 1e-9:
+                return False
+        return True
 
     def _down_to(self, category: str, level: float, *, inclusive: bool) -> Callable[[int], bool]:
         if inclusive:
@@ -736,6 +790,32 @@ def _segment_deadline(segment: Segment, plan: _Plan, ctx: _Context, sweep_ms: in
             was_now.append(member(now_ms))
         return was_now[0]
 
+    # top_category is not walked change by change (two nearly tied categories can swap places at almost
+    # every rounding step, hundreds of thousands of times). A probe that reads it is searched once per
+    # category it could take; between the window breakpoints and all these flips, membership is then a
+    # function of top_category alone, and only a change to a category that gives another membership matters
+    # (found by next_top_in, which jumps over the changes among the others).
+    free_top = plan.reads_top and len(ctx.state.affinity) >= 2
+
+    def top_change(s: int, e: int) -> int | None:
+        """The first instant in (s, e] at which top_category makes membership differ from was() (it does
+        not at s), with everything else as at s; or a capped search's instant (nothing changes before)."""
+        if e <= s:
+            return None
+        first = ctx.next_top_change(s, e)
+        if first is None or first > e:
+            return None  # no change of top_category at all: no need to evaluate the predicate
+        state = was()
+        row = ctx.row_at(s, plan)
+        at, held = _to_dt(s), row[TOP]
+        wanted = set()
+        for category in ctx.state.affinity:
+            row[TOP] = category
+            if predicate(row, at) != state:
+                wanted.add(category)
+        row[TOP] = held
+        return ctx.next_top_in(wanted, s, e) if wanted else None
+
     points = ctx.breakpoints(plan.windows) if plan.windows else []
     if plan.reads_now:
         end = now_ms + HORIZON_MS
@@ -743,41 +823,56 @@ def _segment_deadline(segment: Segment, plan: _Plan, ctx: _Context, sweep_ms: in
         end = max(ctx.all_settled_at(), now_ms)
     else:
         end = now_ms
+    if free_top:
+        end = max(end, ctx.all_settled_at())  # top_category is constant once every affinity is 0
     index = bisect_right(points, now_ms)
     bound = None if limit is None else limit - 1  # the last instant that matters
-    top_next = ctx.next_top_change(now_ms, bound) if plan.reads_top else None
     lo = now_ms
     for _ in range(MAX_PIECES):
-        candidates = [p for p in (points[index] if index < len(points) else None, top_next) if p is not None]
-        nxt = min(candidates) if candidates else None
+        nxt = points[index] if index < len(points) else None
         hi = nxt - 1 if nxt is not None else max(end, lo)
         done = False
         if bound is not None and hi >= bound:  # nothing after bound matters
             hi, done = bound, True
         unbounded = False
+        flips: set[int] = set()
         if plan.probes and hi > lo:
             row = ctx.row_at(lo, plan)
-            flips = set()
+            held = row.get(TOP)
             for probe in plan.probes:
-                value = probe.value(row, ctx, lo)
-                first = bool(value)
-                top = hi if probe.reads_now or not probe.reads_aff else min(hi, ctx.settled_keys_at(probe.aff_keys))
-                if top > lo and probe.holds(row, ctx, top) != first:
-                    changed = _changed(probe, row, ctx, first)
-                    if probe.threshold is not None and not probe.reads_now:
-                        guess = ctx.falls_to(*probe.threshold) if probe.threshold[0] in ctx.state.affinity else None
-                        flip = _first_true_near(changed, lo, top, guess)
-                        assert flip is not None  # changed(top) holds
-                    elif probe.reads_aff:
-                        flip = _bisect(changed, lo, top)
-                    else:
-                        flip = _first_true_aligned(changed, lo, top)
-                    flips.add(flip)
-                elif nxt is None and plan.reads_now and value is not None and first != (probe.direction > 0):
-                    unbounded = True  # not at its final value, but no flip within the horizon
-            for flip in sorted(flips):
-                if member(flip) != was():
-                    return flip
+                for category in (ctx.state.affinity if free_top and probe.reads_top else (held,)):
+                    row[TOP] = category  # monotone with top_category held: searched for each value it can take
+                    value = probe.value(row, ctx, lo)
+                    first = bool(value)
+                    top = (hi if probe.reads_now or not probe.reads_aff
+                           else min(hi, ctx.settled_keys_at(probe.aff_keys)))
+                    if top > lo and probe.holds(row, ctx, top) != first:
+                        changed = _changed(probe, row, ctx, first)
+                        if probe.threshold is not None and not probe.reads_now:
+                            key = probe.threshold[0]
+                            guess = ctx.falls_to(*probe.threshold) if key in ctx.state.affinity else None
+                            flip = _first_true_near(changed, lo, top, guess)
+                            assert flip is not None  # changed(top) holds
+                        elif probe.reads_aff:
+                            flip = _bisect(changed, lo, top)
+                        else:
+                            flip = _first_true_aligned(changed, lo, top)
+                        flips.add(flip)
+                    elif nxt is None and plan.reads_now and value is not None and first != (probe.direction > 0):
+                        unbounded = True  # not at its final value, but no flip within the horizon
+            row[TOP] = held
+        starts = sorted(flips)  # in time order: the piece from lo, then from each flip
+        if free_top:
+            found = top_change(lo, starts[0] - 1 if starts else hi)
+            if found is not None:
+                return found
+        for i, start in enumerate(starts):
+            if member(start) != was():
+                return start
+            if free_top:
+                found = top_change(start, starts[i + 1] - 1 if i + 1 < len(starts) else hi)
+                if found is not None:
+                    return found
         if done:
             return None
         if nxt is None:
@@ -787,8 +882,6 @@ def _segment_deadline(segment: Segment, plan: _Plan, ctx: _Context, sweep_ms: in
         lo = nxt
         while index < len(points) and points[index] <= lo:
             index += 1
-        if top_next is not None and top_next <= lo:
-            top_next = ctx.next_top_change(lo, bound)
     return lo  # cap reached: nothing changes before lo
 
 

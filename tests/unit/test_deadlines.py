@@ -9,7 +9,7 @@ from pathlib import Path
 from unittest.mock import patch
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from pipeline.events import Event, Item
@@ -204,6 +204,40 @@ def test_top_category_changes_when_the_rounded_affinities_tie():
     assert_exact(state, segments, T0, due)
 
 
+def test_swaps_among_other_categories_are_jumped_over():
+    # books and cookware nearly tied (3.0 vs 2.99999999973 from a view 1 ms earlier, same as_of): the
+    # rounding boundary falls between them at most 1e-6 steps, so top_category swaps between them hundreds
+    # of thousands of times as they decay; apparel (1.0), sorted first, wins once all three round alike
+    state = profile([click("c1", T0, category="books"), click("c2", T0, category="books"),
+                     click("c3", T0 - 1, category="books"), click("c4", T0, kind="add_to_cart", category="cookware"),
+                     click("c5", T0, category="apparel")], T0)
+    assert next_check_at(state, seg("top_category = 'garden'"), T0, half_life_days=HL) is None
+    swap = seg("top_category = 'cookware'")
+    assert_exact(state, swap, T0, next_check_at(state, swap, T0, half_life_days=HL))
+
+    def affinity(category: str, t: int) -> float:
+        return columns(state, t, half_life_days=HL)["category_affinity"][category]
+
+    # cookware, the highest, is the last to round down to 1e-6: from then on the three are tied
+    lo, hi = T0, T0 + 3 * 365 * DAY_MS
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if affinity("cookware", mid) <= 1e-6 else (mid, hi)
+    assert affinity("apparel", hi) == 1e-6  # not yet 0
+    apparel = seg("top_category = 'apparel'")
+    due = next_check_at(state, apparel, T0, half_life_days=HL)
+    assert due == hi
+    assert_exact(state, apparel, T0, due)
+
+
+def test_exactly_tied_categories_never_change_top_category():
+    state = profile([click("c1", T0, category="books"), click("c2", T0, category="garden")], T0)
+    ctx = deadlines._Context(state, T0, HL, columns(state, T0, half_life_days=HL))
+    assert ctx.next_top_change(T0) is None  # books, sorted first, wins every tie, down to 0
+    for where in ("top_category = 'books'", "top_category = 'garden'"):
+        assert next_check_at(state, seg(where), T0, half_life_days=HL) is None, where
+
+
 def test_passing_the_row_gives_the_same_answer():
     state = profile([purchase("e1", T0 - 3 * DAY_MS), click("c1", T0 - DAY_MS, kind="add_to_cart")], T0)
     row = columns(state, T0, half_life_days=HL)
@@ -224,6 +258,17 @@ EXTRA = parse_segments("""segments:
     where: last_seen_at >= now() - INTERVAL 36 HOUR OR orders_90d > 2
   - id: ratio
     where: spend_365d / orders_365d > 30
+""")
+
+TOP = parse_segments("""segments:
+  - id: top_affinity
+    where: category_affinity[top_category] >= 0.3
+  - id: books_and_cookware
+    where: top_category = 'books' AND category_affinity['cookware'] >= 0.2
+  - id: top_or_recent
+    where: top_category IN ('books', 'garden') OR dateDiff('day', last_seen_at, now()) <= 3
+  - id: if_top
+    where: if(top_category = 'cookware', category_affinity['cookware'], 0) < 0.35
 """)
 
 CATEGORIES = ("books", "cookware", "garden")
@@ -253,10 +298,21 @@ def build(order_list, click_list, interested: bool, consent: bool) -> ProfileSta
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(orders, clicks, st.booleans(), st.booleans(), st.integers(min_value=0, max_value=60 * DAY_MS),
        st.lists(st.floats(min_value=0, max_value=1, exclude_max=True), min_size=6, max_size=6),
-       st.sampled_from(("default", "extra")))
+       st.sampled_from(("default", "extra", "top")))
+# books and cookware nearly tied (3.0 vs 2.99999999973, same as_of): top_category flips between them at
+# almost every 1e-6 rounding step, none of which changes top_category = 'garden'
+@example(order_list=[], click_list=[(0, 'product_view', 'books'), (0, 'product_view', 'books'),
+                                    (0, 'add_to_cart', 'cookware'), (-1, 'product_view', 'books')],
+         interested=False, consent=False, later=0, fractions=[0.0] * 6, which='extra')
+# books and garden exactly tied (same weight, same instant): top_category never changes
+@example(order_list=[], click_list=[(0, 'product_view', 'books'), (0, 'product_view', 'garden')],
+         interested=False, consent=False, later=0, fractions=[0.0] * 6, which='extra')
+# cookware 1 ms after books: they swap places at every rounding step; comparisons that read top_category
+@example(order_list=[], click_list=[(0, 'product_view', 'books'), (1, 'product_view', 'cookware')],
+         interested=False, consent=False, later=0, fractions=[0.0] * 6, which='top')
 def test_membership_is_constant_until_the_deadline_and_changes_there(order_list, click_list, interested, consent,
                                                                      later, fractions, which):
-    segments = DEFAULT if which == "default" else EXTRA
+    segments = {"default": DEFAULT, "extra": EXTRA, "top": TOP}[which]
     state = build(order_list, click_list, interested, consent)
     now = T0 + later
     before = members(state, segments, now)
@@ -309,12 +365,12 @@ def test_guided_search_finds_what_bisection_finds(lo, width, guess, data):
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(orders, clicks, st.booleans(), st.booleans(), st.integers(min_value=0, max_value=60 * DAY_MS),
-       st.sampled_from(("default", "extra", "bench")))
+       st.sampled_from(("default", "extra", "top", "bench")))
 def test_same_answer_as_plain_search_per_segment(order_list, click_list, interested, consent, later, which):
     """The closed-form guesses, the cheapest-first order, the bound by the earliest answer so far and
     the per-call caches change no answer: next_check_at equals the minimum over segments searched
     one by one, each on a fresh context, by plain bisection (the previous implementation's searches)."""
-    segments = {"default": DEFAULT, "extra": EXTRA, "bench": BENCH_50}[which]
+    segments = {"default": DEFAULT, "extra": EXTRA, "top": TOP, "bench": BENCH_50}[which]
     state = build(order_list, click_list, interested, consent)
     now = T0 + later
     due = next_check_at(state, segments, now, half_life_days=HL)
