@@ -56,13 +56,14 @@ def percentile(values: list[float], q: float) -> float:
 
 def timed(fn: Any, runs: int) -> dict[str, float]:
     fn()  # warm-up, not counted
-    times = []
+    times, cpu = [], []
     for _ in range(runs):
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.process_time()
         fn()
         times.append((time.perf_counter() - started) * 1000)
+        cpu.append((time.process_time() - cpu_started) * 1000)  # this process: Python and chDB's threads
     return {"p50_ms": round(percentile(times, 0.5), 1), "p99_ms": round(percentile(times, 0.99), 1),
-            "min_ms": round(min(times), 1), "runs": runs}
+            "min_ms": round(min(times), 1), "cpu_p50_ms": round(percentile(cpu, 0.5), 1), "runs": runs}
 
 
 # --- (a) sink -------------------------------------------------------------------------------------
@@ -93,12 +94,15 @@ def sink(path: Path, batches: int, batch: int) -> dict[str, Any]:
 
     def run(name: str, write: Any, rows_per_item: int) -> None:
         gc.collect()  # each variant starts from the same heap, not from its predecessor's garbage
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.process_time()
         for b in range(batches):
             write(b * batch, (b + 1) * batch)
-        seconds = time.perf_counter() - started
+        seconds, cpu = time.perf_counter() - started, time.process_time() - cpu_started
+        # CPU seconds of this process (Python and chDB's threads): less sensitive to a shared machine's load
         out[name] = {"items": total, "rows": total * rows_per_item, "seconds": round(seconds, 2),
-                     "items_per_s": round(total / seconds), "rows_per_s": round(total * rows_per_item / seconds)}
+                     "cpu_s": round(cpu, 2), "items_per_s": round(total / seconds),
+                     "rows_per_s": round(total * rows_per_item / seconds),
+                     "rows_per_cpu_s": round(total * rows_per_item / cpu)}
 
     run("writer_changes", lambda a, b: writer.write(changes=changes[a:b]), 2)
     run("writer_profiles", lambda a, b: writer.write(profiles=profiles[a:b]), 1)
@@ -171,6 +175,22 @@ def fill(client: Any, *, segment: str, customer: str, member: str, version: str,
                                                 start=offset, count=min(part, start + count - offset)))
 
 
+def previous_cohort(client: Any, database: str, segment_id: str) -> list[dict[str, Any]]:
+    """``pipeline.cohorts.cohort`` as it was before the read path was reworked (commit 954ef36), the
+    reference the new one is timed and checked against: LEFT JOIN of every profile, per-row dicts."""
+    result = client.query(
+        f"""SELECT m.customer_id, m.since, p.anonymous_ids, m.profile_version
+FROM (SELECT customer_id, since, profile_version FROM {database}.segment_membership FINAL
+      WHERE segment_id = %(segment)s AND is_member = 1) AS m
+LEFT JOIN (SELECT customer_id, anonymous_ids FROM {database}.customer_profiles FINAL) AS p
+  ON p.customer_id = m.customer_id
+ORDER BY m.since, m.customer_id""",
+        parameters={"segment": segment_id},
+    )
+    return [{"customer_id": row[0], "since": row[1].replace(tzinfo=dt.UTC) if row[1].tzinfo is None else row[1],
+             "anonymous_ids": list(row[2] or []), "profile_version": int(row[3])} for row in result.result_rows]
+
+
 def cohort_part(path: Path, sizes: list[int], runs: int) -> dict[str, Any]:
     from pipeline.cohorts import cohort
     from pipeline.sinks.clickhouse import ClickHouseWriter
@@ -190,6 +210,24 @@ SELECT concat('bench-', leftPad(toString(number), 7, '0')), [concat('anon-', toS
          count=20_000)
     loaded = TARGET_MEMBERS + 30_000
     others = "concat('s', leftPad(toString(8 + number % 49), 2, '0'))"  # s08..s56: 49 other segments
+    count_sql = f"SELECT count() FROM {DB}.segment_membership FINAL WHERE segment_id = '{TARGET}' AND is_member = 1"
+    list_sql = (f"SELECT customer_id, since, profile_version FROM {DB}.segment_membership FINAL "
+                f"WHERE segment_id = '{TARGET}' AND is_member = 1")
+    middle: dict[str, Any] = {}
+
+    def measure(**extra: Any) -> dict[str, Any]:
+        whole = cohort(client, DB, TARGET)
+        if whole != previous_cohort(client, DB, TARGET):  # same members, order and values as before
+            raise RuntimeError("cohort() differs from the previous implementation")
+        middle["after"] = (whole[len(whole) // 2]["since"], whole[len(whole) // 2]["customer_id"])
+        return {**extra, "cohort_members": len(whole), "count_final": int(client.query(count_sql).result_rows[0][0]),
+                "cohort": timed(lambda: cohort(client, DB, TARGET), runs),
+                "cohort_no_anonymous_ids": timed(lambda: cohort(client, DB, TARGET, anonymous_ids=False), runs),
+                "cohort_page_100": timed(lambda: cohort(client, DB, TARGET, limit=100, after=middle["after"]), runs),
+                "previous_cohort": timed(lambda: previous_cohort(client, DB, TARGET), max(3, runs // 4)),
+                "count": timed(lambda: client.query(count_sql), runs),
+                "members_only": timed(lambda: client.query(list_sql), runs)}
+
     for size in sizes:
         add = size - loaded
         t0 = time.perf_counter()
@@ -200,31 +238,18 @@ SELECT concat('bench-', leftPad(toString(number), 7, '0')), [concat('anon-', toS
         rows = int(client.query(f"SELECT count() FROM {DB}.segment_membership").result_rows[0][0])
         parts = int(client.query("SELECT count() FROM system.parts WHERE database = %(db)s AND "
                                  "table = 'segment_membership' AND active", parameters={"db": DB}).result_rows[0][0])
-        members = len(cohort(client, DB, TARGET))
-        count_sql = (f"SELECT count() FROM {DB}.segment_membership FINAL WHERE segment_id = '{TARGET}' "
-                     "AND is_member = 1")
-        counted = int(client.query(count_sql).result_rows[0][0])
-        list_sql = (f"SELECT customer_id, since, profile_version FROM {DB}.segment_membership FINAL "
-                    f"WHERE segment_id = '{TARGET}' AND is_member = 1")
-        step = {"memberships": rows, "active_parts": parts, "load_s": round(load_s, 1), "cohort_members": members,
-                "count_final": counted, "cohort": timed(lambda: cohort(client, DB, TARGET), runs),
-                "count": timed(lambda q=count_sql: client.query(q), runs),
-                "members_only": timed(lambda q=list_sql: client.query(q), runs)}
+        step = measure(memberships=rows, active_parts=parts, load_s=round(load_s, 1), load_avg=os.getloadavg()[0])
         out["steps"].append(step)
-        print(f"  {rows:,} memberships ({parts} parts): cohort p50 {step['cohort']['p50_ms']} ms, "
-              f"count p50 {step['count']['p50_ms']} ms", file=sys.stderr, flush=True)
+        print(f"  {rows:,} memberships ({parts} parts): cohort p50 {step['cohort']['p50_ms']} ms "
+              f"(previous {step['previous_cohort']['p50_ms']} ms), count p50 {step['count']['p50_ms']} ms",
+              file=sys.stderr, flush=True)
         if size == sizes[-1]:
             t0 = time.perf_counter()
             client.command(f"OPTIMIZE TABLE {DB}.segment_membership FINAL")
             optimize_s = time.perf_counter() - t0
             rows = int(client.query(f"SELECT count() FROM {DB}.segment_membership").result_rows[0][0])
-            step = {"memberships": rows, "after_optimize": True, "optimize_s": round(optimize_s, 1),
-                    "cohort_members": len(cohort(client, DB, TARGET)),
-                    "count_final": int(client.query(count_sql).result_rows[0][0]),
-                    "cohort": timed(lambda: cohort(client, DB, TARGET), runs),
-                    "count": timed(lambda q=count_sql: client.query(q), runs),
-                "members_only": timed(lambda q=list_sql: client.query(q), runs)}
-            out["steps"].append(step)
+            out["steps"].append(measure(memberships=rows, after_optimize=True, optimize_s=round(optimize_s, 1),
+                                        load_avg=os.getloadavg()[0]))
     out["total_s"] = round(time.perf_counter() - started, 1)
     return out
 
@@ -288,16 +313,18 @@ def main() -> None:
         for name, kind in (("changes (+ membership rows, + MV)", "changes"), ("profiles", "profiles")):
             w, b, c = (s[f"writer_{kind}"]["rows_per_s"], s[f"bare_{kind}"]["rows_per_s"],
                        s[f"bare_columns_{kind}"]["rows_per_s"])
-            print(f"    {name:<36}{w:>10,}{b:>13,}{w / b:>7.2f}{c:>13,}{w / c:>7.2f}")
+            print(f"    {name:<36}{w:>10,}{b:>13,}{w / b:>7.2f}{c:>13,}{w / c:>7.2f}"
+                  f"   per CPU s: {s[f'writer_{kind}']['rows_per_cpu_s']:,} vs "
+                  f"{s[f'bare_columns_{kind}']['rows_per_cpu_s']:,}")
         print(f"    writer rows missing from the bare copies: {s['writer_rows_not_in_bare']}")
     if "cohort" in out:
-        print(f"\n(b) live cohort of {TARGET_MEMBERS:,} members ({out['cohort']['total_s']} s in all)")
-        print(f"    {'memberships':>12}{'optimized':>10}{'cohort p50':>11}{'p99':>8}{'count p50':>10}{'p99':>8}"
-              f"{'members p50':>12}")
+        print(f"\n(b) live cohort of {TARGET_MEMBERS:,} members ({out['cohort']['total_s']} s in all), p50 / p99 ms")
+        names = (("cohort", "cohort()"), ("previous_cohort", "previous"), ("cohort_no_anonymous_ids", "no anon"),
+                 ("cohort_page_100", "page 100"), ("count", "count"), ("members_only", "members SQL"))
+        print(f"    {'memberships':>12}{'optimized':>10}" + "".join(f"{label:>16}" for _, label in names))
         for st in out["cohort"]["steps"]:
             print(f"    {st['memberships']:>12,}{str(st.get('after_optimize', False)):>10}"
-                  f"{st['cohort']['p50_ms']:>11}{st['cohort']['p99_ms']:>8}{st['count']['p50_ms']:>10}"
-                  f"{st['count']['p99_ms']:>8}{st['members_only']['p50_ms']:>12}")
+                  + "".join(f"{st[key]['p50_ms']:>9} /{st[key]['p99_ms']:>5}" for key, _ in names))
     out["load_before"] = load_before
     out["load_after"] = os.getloadavg()
     out["wall_s"] = round(time.time() - started)

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import re
-from datetime import UTC, datetime
+from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 READ_ONLY = re.compile(r"^\s*(SELECT|WITH|SHOW|DESCRIBE|DESC|EXPLAIN|EXISTS)\b", re.IGNORECASE)
@@ -15,22 +16,60 @@ def _aware(value: Any) -> Any:
     return value
 
 
-def cohort(client: Any, database: str, segment_id: str) -> list[dict[str, Any]]:
-    """The current members of a segment, oldest first, with their anonymous ids."""
-    result = client.query(
-        f"""SELECT m.customer_id, m.since, p.anonymous_ids, m.profile_version
-FROM (SELECT customer_id, since, profile_version FROM {database}.segment_membership FINAL
-      WHERE segment_id = %(segment)s AND is_member = 1) AS m
-LEFT JOIN (SELECT customer_id, anonymous_ids FROM {database}.customer_profiles FINAL) AS p
+def _aware_column(values: Sequence[Any]) -> Sequence[Any]:
+    """A DateTime column as aware datetimes (already so when the client honoured tz_mode)."""
+    if values and isinstance(values[0], datetime) and values[0].tzinfo is None:
+        return [_aware(v) for v in values]
+    return values
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MILLISECOND = timedelta(milliseconds=1)
+
+
+def cohort(client: Any, database: str, segment_id: str, *, anonymous_ids: bool = True, limit: int | None = None,
+           after: tuple[datetime, str] | None = None) -> list[dict[str, Any]]:
+    """The current members of a segment, oldest first (member since, then customer id): dicts of
+    ``customer_id``, ``since`` (aware UTC), ``anonymous_ids`` and ``profile_version``.
+
+    ``limit`` and ``after`` (the ``(since, customer_id)`` of the last member of the previous page)
+    give one keyset page: only that page is read, sorted and joined. ``anonymous_ids=False`` skips
+    the profile join (the list is then ``[]``): the members alone are one read of
+    ``segment_membership`` by its ordering key.
+    """
+    parameters: dict[str, Any] = {"segment": segment_id}
+    page = ""
+    if after is not None:
+        since, customer_id = after
+        aware = since if since.tzinfo is not None else since.replace(tzinfo=UTC)
+        parameters.update(after_ms=(aware - _EPOCH) // _MILLISECOND, after_id=customer_id)
+        page += " AND (since, customer_id) > (fromUnixTimestamp64Milli(%(after_ms)s, 'UTC'), %(after_id)s)"
+    if limit is not None:
+        parameters["limit"] = int(limit)
+        page += " ORDER BY since, customer_id LIMIT %(limit)s"
+    members = f"""SELECT customer_id, since, profile_version FROM {database}.segment_membership FINAL
+WHERE segment_id = %(segment)s AND is_member = 1{page}"""
+    if not anonymous_ids:
+        query = f"{members}{'' if limit is not None else ' ORDER BY since, customer_id'}"
+    else:
+        # The profile side of the join is built into a hash table: for a page, only its members'
+        # profiles are read (a primary-key lookup); for the whole cohort, every profile's
+        # (customer_id, anonymous_ids) under FINAL, which measured cheaper than filtering it.
+        only_page = f" WHERE customer_id IN (SELECT customer_id FROM ({members}))" if limit is not None else ""
+        query = f"""SELECT m.customer_id, m.since, m.profile_version, p.anonymous_ids
+FROM ({members}) AS m
+LEFT JOIN (SELECT customer_id, anonymous_ids FROM {database}.customer_profiles FINAL{only_page}) AS p
   ON p.customer_id = m.customer_id
-ORDER BY m.since, m.customer_id""",
-        parameters={"segment": segment_id},
-    )
-    return [
-        {"customer_id": row[0], "since": _aware(row[1]), "anonymous_ids": list(row[2] or []),
-         "profile_version": int(row[3])}
-        for row in result.result_rows
-    ]
+ORDER BY m.since, m.customer_id"""
+    # columns, aware datetimes converted by clickhouse-connect in C, one dict literal per member:
+    # per-row tuples, per-cell tz fixes and list copies were most of this function's time
+    columns = client.query(query, parameters=parameters, tz_mode="aware").result_columns
+    if not columns or not columns[0]:
+        return []
+    ids, since_column, versions = columns[0], _aware_column(columns[1]), columns[2]
+    anon = columns[3] if anonymous_ids else [[] for _ in ids]
+    return [{"customer_id": c, "since": s, "anonymous_ids": a, "profile_version": v}
+            for c, s, a, v in zip(ids, since_column, anon, versions, strict=True)]
 
 
 def segment_sizes(client: Any, database: str) -> dict[str, int]:

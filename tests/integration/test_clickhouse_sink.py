@@ -82,3 +82,39 @@ def test_every_table_reads_back_what_the_writer_was_given(chdb_dsn, chdb_client,
         ("c1", utc(T + 4), 12.5, '[{"sku":"s","quantity":1}]', ["x"], {"k": "v"}, None)]
     # hourly size history through the materialized view: +1 +1 -1
     assert client.query(f"SELECT sum(delta) FROM {database}.segment_size_history FINAL").result_rows == [(1,)]
+
+
+def test_cohort_pages_walk_the_whole_cohort_in_order(chdb_dsn, chdb_client, unique):
+    """Keyset pages (limit, after) give every member exactly once, in the order of the whole
+    cohort (since, then customer id: ties on since included), each with its anonymous ids; a
+    member who left or a superseded version never shows."""
+    database = f"t_{unique}"
+    writer = ClickHouseWriter(chdb_dsn, database)
+    batch = [change(f"c{i:02d}", "buyers", "entered", 1, at=T + (i // 3) * 1000) for i in range(20)]  # ties by 3
+    batch += [change("c05", "buyers", "exited", 2, T + 99_000), change("c07", "other", "entered", 1)]
+    profiles = []
+    for i in range(0, 20, 2):  # every other member has a profile with anonymous ids
+        profile = new_profile(f"c{i:02d}")
+        profile.anonymous_ids.append(f"a{i:02d}")
+        profile.updated_at = T
+        profiles.append(columns(profile, T))
+    writer.write(changes=batch, profiles=profiles)
+    client = connect(chdb_dsn)
+    whole = cohort(client, database, "buyers")
+    assert [m["customer_id"] for m in whole] == [f"c{i:02d}" for i in range(20) if i != 5]
+    assert whole[0] == {"customer_id": "c00", "since": datetime.fromtimestamp(T / 1000, tz=UTC),
+                        "anonymous_ids": ["a00"], "profile_version": 1}
+    assert whole[1]["anonymous_ids"] == []  # no profile: no anonymous ids
+    walked, after = [], None
+    while True:
+        page = cohort(client, database, "buyers", limit=4, after=after)
+        assert len(page) <= 4
+        if not page:
+            break
+        walked.extend(page)
+        after = (page[-1]["since"], page[-1]["customer_id"])
+    assert walked == whole
+    bare = cohort(client, database, "buyers", anonymous_ids=False)
+    assert [(m["customer_id"], m["since"], m["anonymous_ids"]) for m in bare] == [
+        (m["customer_id"], m["since"], []) for m in whole]
+    assert cohort(client, database, "nobody") == []
