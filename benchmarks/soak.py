@@ -154,7 +154,8 @@ class Soak:
         if self.args.debug_memory:
             module = "pipeline.memdebug"
             env.update({"PIPELINE_DEBUG_MEMORY": str(self.memdebug_path),
-                        "PIPELINE_DEBUG_TRACEMALLOC": str(self.args.tracemalloc)})
+                        "PIPELINE_DEBUG_TRACEMALLOC": str(self.args.tracemalloc),
+                        "PIPELINE_DEBUG_MEMORY_SECONDS": os.environ.get("PIPELINE_DEBUG_MEMORY_SECONDS", "20")})
         with open(self.log_path, "wb") as log:
             self.worker = subprocess.Popen([sys.executable, "-m", module, "worker"], cwd=ROOT, env=env,
                                            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
