@@ -8,18 +8,23 @@ memberships (issue 6 item 7, issue 9's ClickHouse goals).
     segment changes (each change is a ``segment_changes`` row, which also feeds ``segment_size_history``
     through its materialized view, plus a ``segment_membership`` row), then of the same number of
     profile rows (``customer_profiles``). Profile rows are the columns of realistic profiles (generated
-    traffic decoded and folded by ``processor.step``, see bench_profiles.py) cloned under new ids; changes
-    are drawn over the 50 segments of segments_50.yaml. Ceiling: a bare ``client.insert`` of the same rows,
-    already converted, with explicit column types, into tables of the same columns and engine with no
-    materialized view (``CREATE TABLE ... AS``), in the same chDB.
+    traffic decoded and folded by ``processor.step``, see bench_profiles.py) cloned under new ids, each
+    decoded from its own profile-updates JSON as the sink receives it; changes are drawn over the 50
+    segments of segments_50.yaml. Ceilings: a bare ``client.insert`` of the same rows, already converted,
+    with explicit column types, into tables of the same columns and engine with no materialized view
+    (``CREATE TABLE ... AS``), in the same chDB: row-oriented with datetimes, and column-oriented with
+    epoch-ms ticks (the fastest bare insert). Wall rows/s and rows per CPU second of the process.
 (b) cohort: ``segment_membership`` filled by ``INSERT ... SELECT`` from ``numbers()`` (bulk, in parts of
     1M rows): 50 segments, segment ``s07`` with 100,000 members (plus 10,000 rows of customers that left it
     and 20,000 superseded older versions); the other 49 share the rest; ``customer_profiles`` holds the
-    1,000,000 customers (the cohort query joins it). Timed, ``--runs`` times each, p50/p99:
-    ``pipeline.cohorts.cohort(client, db, 's07')`` (returns 100,000 dicts) and
+    1,000,000 customers (the cohort query joins it). Timed, ``--runs`` times each, p50/p99 wall and p50
+    CPU ms: ``pipeline.cohorts.cohort(client, db, 's07')`` (100,000 dicts with anonymous ids), the
+    previous implementation of it (``previous_cohort``, checked to return the same list), ``cohort`` with
+    ``anonymous_ids=False``, one keyset page of 100 from the middle of the cohort, and the SQL alone:
     ``SELECT count() FROM segment_membership FINAL WHERE segment_id = 's07' AND is_member = 1`` and the
-    members alone (the same with ``customer_id, since, profile_version``: no join, no dicts), at 1M
-    memberships, then at 10M (9M rows added to the other segments), then after OPTIMIZE TABLE ... FINAL.
+    members (the same with ``customer_id, since, profile_version``; clickhouse-connect parses the rows
+    lazily, so this times the query, not Python objects), at 1M memberships, then at 10M (9M rows added
+    to the other segments), then after OPTIMIZE TABLE ... FINAL.
 
 Each part runs in its own process with its own chDB data directory (one chDB path per process),
 under a temporary directory deleted at the end.
