@@ -317,8 +317,8 @@ def main() -> None:
         print(f"{v['workers']:<9}{v['events_per_s']:>10,.0f}{v['seconds']:>10.1f}{v['cpu_s']:>8.1f}"
               f"{v['cpu_s'] / v['seconds']:>10.2f}{v['broker_cpu_s'] or 0:>10.1f}{v['ready_after_spawn_s']:>9.1f}"
               f"  {workers}")
-        print(f"{'':<9}changes {v['changes']}; done: "
-              f"{'%.1f s (%.0f events/s)' % (v['done_s'], v['done_events_per_s']) if v['done_s'] else 'none'}")
+        done = f"{v['done_s']:.1f} s ({v['done_events_per_s']:.0f} events/s)" if v["done_s"] else "none"
+        print(f"{'':<9}changes {v['changes']}; done: {done}")
     if ratio is not None:
         print(f"2 workers / 1 worker = {ratio:.2f}")
     print(f"written to {args.out}")
