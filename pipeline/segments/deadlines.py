@@ -99,6 +99,7 @@ MAX_PIECES = 512  # breakpoints walked per segment before returning the instant 
 TOP_CAP = 32  # rounding steps searched per pair of categories for a top_category tie
 SETTLED_RAW = 1e-7  # a decayed raw weight below this rounds to an affinity of 0.0
 TOP_GAP = 1.5e-6  # two affinities further apart than this cannot round to a tie (6 decimals)
+NEVER_ABOVE_LOG2 = 1e-12  # a weight this far below another (log2) in exact terms stays below it in floats
 
 AFFINITY = "category_affinity"
 TOP = "top_category"
@@ -610,8 +611,11 @@ class _Context:
 
     def _never_above(self, lower: str, upper: str, t: int) -> bool:
         """From t on, ``lower``'s decayed weight never exceeds ``upper``'s, so neither does its rounded
-        affinity. log2 of a weight is piecewise linear in time (flat until its as_of, then falling 1 per
-        half-life), so the difference is largest at t or at an as_of; the margin covers float rounding."""
+        affinity. log2 of a weight is piecewise linear in time (flat up to its as_of, then falling 1 per
+        half-life), so over whole milliseconds the difference is largest at t, at an as_of or 1 ms after.
+        Where neither decays yet, score uses the raw weights as they are (compared exactly); elsewhere
+        the margin (NEVER_ABOVE_LOG2) covers the float error of score's weights (~1e-14 relative: the
+        exponent's rounding, pow, the product); 1 ms of decay at a 30-day half-life is 3.9e-10."""
         (raw_l, as_l), (raw_u, as_u) = self.state.affinity[lower], self.state.affinity[upper]
         if raw_l == raw_u and as_l == as_u:
             return True  # computed identically: equal at every instant
@@ -620,8 +624,12 @@ class _Context:
         if raw_u <= 0.0:
             return False
         hl = self.half_life_ms
-        for s in {t, max(t, as_l), max(t, as_u)}:
-            if (math.log2(raw_l) - max(0.0, s - as_l) / hl) > (math.log2(raw_u) - max(0.0, s - as_u) / hl) - 1e-9:
+        for s in {t, max(t, as_l), max(t, as_l + 1), max(t, as_u), max(t, as_u + 1)}:
+            if s <= as_l and s <= as_u:
+                if raw_l > raw_u:
+                    return False
+            elif (math.log2(raw_l) - max(0.0, s - as_l) / hl
+                  > math.log2(raw_u) - max(0.0, s - as_u) / hl - NEVER_ABOVE_LOG2):
                 return False
         return True
 

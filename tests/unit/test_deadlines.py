@@ -307,6 +307,13 @@ def build(order_list, click_list, interested: bool, consent: bool) -> ProfileSta
 # books and garden exactly tied (same weight, same instant): top_category never changes
 @example(order_list=[], click_list=[(0, 'product_view', 'books'), (0, 'product_view', 'garden')],
          interested=False, consent=False, later=0, fractions=[0.0] * 6, which='extra')
+# equal weights 1 ms apart: the older (garden, books) is below by 1 ms of decay and loses ties, so never
+# ranks above (it used to be searched rounding step by rounding step, up to the cap)
+@example(order_list=[], click_list=[(0, 'page_view', 'books'), (-1, 'page_view', 'garden')],
+         interested=False, consent=False, later=0, fractions=[0.0] * 6, which='extra')
+@example(order_list=[(0, 1.0, False, 'garden', 1), (0, 1.0, True, 'books', 1), (0, 1.0, True, 'books', 1),
+                     (1, 1.0, False, 'books', 1)],
+         click_list=[], interested=False, consent=False, later=0, fractions=[0.0] * 6, which='extra')
 # cookware 1 ms after books: they swap places at every rounding step; comparisons that read top_category
 @example(order_list=[], click_list=[(0, 'product_view', 'books'), (1, 'product_view', 'cookware')],
          interested=False, consent=False, later=0, fractions=[0.0] * 6, which='top')
