@@ -34,6 +34,7 @@ bench: $(STAMP) ## run the benchmarks (figures printed and written to benchmarks
 	$(BIN)/python benchmarks/bench_profiles.py --recovery 100000
 	$(BIN)/python benchmarks/bench_pipeline.py
 	$(BIN)/python benchmarks/bench_latency.py
+	$(BIN)/python benchmarks/bench_scaling.py
 
 clean: ## remove the virtualenv and local data
 	rm -rf $(VENV) var
