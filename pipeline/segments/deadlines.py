@@ -98,7 +98,9 @@ HORIZON_MS = 10 * 365 * DAY_MS  # how far a now()-comparison is searched before 
 MAX_PIECES = 512  # breakpoints walked per segment before returning the instant reached
 TOP_CAP = 32  # rounding steps searched per pair of categories for a top_category tie
 SETTLED_RAW = 1e-7  # a decayed raw weight below this rounds to an affinity of 0.0
-TOP_GAP = 1.5e-6  # two affinities further apart than this cannot round to a tie (6 decimals)
+TOP_GAP = 1e-6 + 1e-12  # two affinities further apart cannot round to a tie (6 decimals: one bucket is 1e-6
+# wide; the margin covers float error). Not looser: while the gap is between 1e-6 and this, each rounding
+# step is searched in turn (a gap shrinking from 1.5e-6 to 1e-6 crossed tens of thousands, past TOP_CAP)
 NEVER_ABOVE_LOG2 = 1e-12  # a weight this far below another (log2) in exact terms stays below it in floats
 
 AFFINITY = "category_affinity"
@@ -437,7 +439,7 @@ class _Context:
         self._breakpoints: dict[tuple[int, ...], list[int]] = {}
         self._windows: dict[tuple[int, int], tuple[int, float]] = {}
         self._affinity: dict[int, tuple[dict[str, float], str | None]] = {}
-        self._top: dict[int, tuple[int | None, int | None]] = {}  # t0 -> (answer, bound it was searched to)
+        self._top: list[tuple[int, int | None, int | None]] = []  # (t0, answer, bound it was searched to)
         self._settled: int | None = None
 
     # windows (exactly as profile.columns computes them)
@@ -538,11 +540,11 @@ class _Context:
         only says "not up to bound" (sound, not exact): the search stops there."""
         if len(self.state.affinity) < 2:
             return None
-        cached = self._top.get(t0)
-        if cached is not None:
-            answer, searched = cached
-            if searched is None or (answer is not None and answer <= searched) or (
-                    bound is not None and bound <= searched):
+        for start, answer, searched in self._top:
+            # top_category is the same from start up to the answer: so is the answer from any t0 there
+            if start <= t0 and (answer is None or (
+                    t0 < answer if searched is None or answer <= searched
+                    else t0 <= searched and bound is not None and bound <= searched)):
                 return answer
         top = self.affinity_top(t0)[1]
         best: int | None = None
@@ -553,7 +555,7 @@ class _Context:
                                         best - 1 if bound is None else min(bound, best - 1))
                 if beat is not None and (best is None or beat < best):
                     best = beat
-        self._top[t0] = (best, None if best is None else bound)
+        self._top.append((t0, best, None if best is None else bound))
         return best
 
     def next_top_in(self, wanted: set[str], t0: int, end: int) -> int | None:

@@ -314,6 +314,11 @@ def build(order_list, click_list, interested: bool, consent: bool) -> ProfileSta
 @example(order_list=[(0, 1.0, False, 'garden', 1), (0, 1.0, True, 'books', 1), (0, 1.0, True, 'books', 1),
                      (1, 1.0, False, 'books', 1)],
          click_list=[], interested=False, consent=False, later=0, fractions=[0.0] * 6, which='extra')
+# cookware above books by 1.1e-6, shrinking: each rounding step was searched in turn while the gap was
+# between 1e-6 and 1.5e-6 (TOP_GAP), past TOP_CAP; the first tie (books wins it) is found now
+@example(order_list=[], click_list=[(0, 'page_view', 'books'), (0, 'page_view', 'books'), (0, 'page_view', 'cookware'),
+                                    (55164, 'page_view', 'cookware')],
+         interested=False, consent=False, later=294400000, fractions=[0.0] * 6, which='top')
 # cookware 1 ms after books: they swap places at every rounding step; comparisons that read top_category
 @example(order_list=[], click_list=[(0, 'product_view', 'books'), (1, 'product_view', 'cookware')],
          interested=False, consent=False, later=0, fractions=[0.0] * 6, which='top')
