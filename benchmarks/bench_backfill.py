@@ -111,7 +111,7 @@ def read_entries(bootstrap: str, topic: str, partitions: int, segment_id: str, e
     the latest one's timestamp and the causes."""
     from kafka import KafkaConsumer, TopicPartition
 
-    consumer = KafkaConsumer(bootstrap_servers=bootstrap, consumer_timeout_ms=3000, enable_auto_commit=False,
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
                              max_partition_fetch_bytes=8 * 2**20, fetch_max_bytes=64 * 2**20)
     consumer.assign([TopicPartition(topic, p) for p in range(partitions)])
     consumer.seek_to_beginning()
@@ -122,14 +122,15 @@ def read_entries(bootstrap: str, topic: str, partitions: int, segment_id: str, e
     try:
         while count < expected and time.monotonic() < deadline:
             before = count
-            for record in consumer:
-                if record.value is None or needle not in record.value or control_kind(record.headers):
-                    continue  # cheap filter before decoding
-                change = decode_change(record.value)
-                if change["segment_id"] == segment_id and change["change"] == "entered":
-                    count += 1
-                    last = max(last, record.timestamp / 1000)
-                    causes["definition_changed" if change["cause"] == "definition_changed" else "other"] += 1
+            for records in consumer.poll(timeout_ms=3000, max_records=100_000).values():
+                for record in records:
+                    if record.value is None or needle not in record.value or control_kind(record.headers):
+                        continue  # cheap filter before decoding
+                    change = decode_change(record.value)
+                    if change["segment_id"] == segment_id and change["change"] == "entered":
+                        count += 1
+                        last = max(last, record.timestamp / 1000)
+                        causes["definition_changed" if change["cause"] == "definition_changed" else "other"] += 1
             if count == before:
                 break  # the iterator timed out with nothing new: the end
     finally:
@@ -138,19 +139,28 @@ def read_entries(bootstrap: str, topic: str, partitions: int, segment_id: str, e
 
 
 def manifest_timestamp(bootstrap: str, topic: str) -> float:
-    """The timestamp of the latest manifest record on the definitions topic."""
+    """The timestamp of the latest manifest record on the definitions topic (bounded polls: the
+    iterator's consumer_timeout_ms never fired on this compacted topic of the embedded broker)."""
     from kafka import KafkaConsumer, TopicPartition
 
-    consumer = KafkaConsumer(bootstrap_servers=bootstrap, consumer_timeout_ms=1000, enable_auto_commit=False)
-    consumer.assign([TopicPartition(topic, 0)])
-    consumer.seek_to_beginning()
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+    tp = TopicPartition(topic, 0)
+    consumer.assign([tp])
+    consumer.seek_to_beginning(tp)
     at = 0.0
+    empty = 0
+    deadline = time.monotonic() + 30
     try:
-        for record in consumer:
-            if record.key == MANIFEST_KEY.encode():
-                at = record.timestamp / 1000
+        while empty < 3 and time.monotonic() < deadline:
+            records = consumer.poll(timeout_ms=500).get(tp, [])
+            empty = 0 if records else empty + 1
+            for record in records:
+                if record.key == MANIFEST_KEY.encode():
+                    at = record.timestamp / 1000
     finally:
         consumer.close()
+    if not at:
+        raise RuntimeError(f"no manifest record found on {topic}")
     return at
 
 
