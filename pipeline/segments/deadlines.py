@@ -42,9 +42,10 @@ between the window breakpoints and all those flips, membership is then a functio
 other membership (evaluated once per category). The first is found by jumping: a wanted category
 must first rank above the current top, at the first instant some does the top is checked, and the
 jump repeats from there (``_Context.next_top_in``). A category whose weight never exceeds the
-top's and that loses ties (an exact tie, for one) is never searched. Top-level AND terms that
-read no time-dependent input are evaluated first: when one is false or NULL the segment can never hold, whatever time
-does (most profiles stop there).
+top's and that loses ties (an exact tie, for one) is never searched.
+
+Top-level AND terms that read no time-dependent input are evaluated first: when one is false or
+NULL the segment can never hold, whatever time does (most profiles stop there).
 
 Cost (the worker asks once per changed profile per batch). One call shares its per-instant work
 across segments (windows, the affinity map and top_category at an instant, the next top_category
@@ -95,7 +96,7 @@ from pipeline.segments.compiler import Compiled, Fn, _Compiler, _default_locate
 from pipeline.segments.definitions import Segment
 
 HORIZON_MS = 10 * 365 * DAY_MS  # how far a now()-comparison is searched before giving a re-check instant
-MAX_PIECES = 512  # breakpoints walked per segment before returning the instant reached
+MAX_PIECES = 512  # order breakpoints walked per segment before returning the instant reached
 TOP_CAP = 32  # rounding steps searched per pair of categories for a top_category tie
 SETTLED_RAW = 1e-7  # a decayed raw weight below this rounds to an affinity of 0.0
 TOP_GAP = 1e-6 + 1e-12  # two affinities further apart cannot round to a tie (6 decimals: one bucket is 1e-6
