@@ -309,8 +309,8 @@ def main() -> None:
         if failed:
             logs = args.out.parent / "logs"
             logs.mkdir(exist_ok=True)
-            for log in tmp.glob("*.log"):
-                shutil.copy(log, logs / f"backfill-{log.name}")
+            for path in tmp.glob("*.log"):
+                shutil.copy(path, logs / f"backfill-{path.name}")
             print(f"failed: logs copied to {logs}", file=sys.stderr)
         shutil.rmtree(tmp, ignore_errors=True)
 
