@@ -25,6 +25,7 @@ from typing import Any
 
 import faust
 from faust.streams import _current_event
+from faust.types import TP
 
 from pipeline import codecs, profile_encoding
 from pipeline.api import WorkerBackend, build_api, dashboard_data, start_api, stop_api
@@ -54,7 +55,7 @@ from pipeline.metrics import Metrics
 from pipeline.privacy import redact_emails
 from pipeline.processor import Config, StepResult, absorb, advance, reevaluate, release, schedule, step
 from pipeline.profile import ProfileState
-from pipeline.recovery import CompleteTableManager
+from pipeline.recovery import CompleteTableManager, fetched_ends
 from pipeline.registry import RegistrySchemas, schema_source
 from pipeline.segments.definitions import Segment
 from pipeline.segments.live import SENTINEL_PREFIX, DefinitionLog, set_fingerprint
@@ -64,6 +65,8 @@ from pipeline.sinks.cluster import cluster_from_settings
 from pipeline.timers import TimerIndex
 
 log = logging.getLogger(__name__)
+
+CATCH_UP_SECONDS = 10.0  # longest the timers of a newly assigned partition wait for its backlog (hold_timers)
 
 # faust's RocksDB defaults are per partition database: 64 MiB memtables (up to 3) and a 2 GiB block
 # cache each, 8 databases at 4 partitions. The soak (issue 8) saw the memtables alone grow the
@@ -108,10 +111,13 @@ class Clock:
     def now_ms(self, partition: int) -> int:
         return self.watermarks.get(partition, 0) if self.mode == "event" else int(time.time() * 1000)
 
-    def evaluation_time(self, occurred_at: int, state: ProfileState | None) -> int:
-        if self.mode != "event":
-            return int(time.time() * 1000)
-        return max(occurred_at, state.updated_at) if state is not None else occurred_at
+    def evaluation_time(self, occurred_at: int, state: ProfileState | None, received_ms: int) -> int:
+        """The instant an event (or command) is evaluated at. On the wall clock: when it entered
+        ``customer-events`` (its record's timestamp), not when it is handled, so a batch redelivered
+        after a crash is evaluated as it was the first time and re-sends the same changes with the
+        same versions (time-driven transitions fall on the same side of each event)."""
+        instant = received_ms if self.mode != "event" else occurred_at
+        return max(instant, state.updated_at) if state is not None else instant
 
 
 def partition_for_key(key: bytes, partitions: int) -> int:
@@ -380,6 +386,7 @@ def create_app(settings: Settings, segments: Sequence[Segment]) -> faust.App:
             self.events: dict[bytes, list[dict[str, Any]]] = {}  # folded in this batch, per profile key
             self.rows: dict[bytes, dict[str, Any]] = {}  # the latest profile row per key, sent once
             self.partition = -1  # of the message being handled
+            self.received = 0  # its record's timestamp (ms): when it entered customer-events
             self.sent_from: set[int] = set()  # partitions whose messages led to commands
 
         def profile(self, key: bytes, partition: int) -> ProfileState | None:
@@ -434,6 +441,8 @@ def create_app(settings: Settings, segments: Sequence[Segment]) -> faust.App:
                     completed.append((partition, marker))
                 continue
             b.partition = partition
+            b.received = int(message.timestamp * 1000) if message.timestamp else int(time.time() * 1000)
+            handled[partition] = message.offset
             hops = int(headers.get(HOPS_HEADER, b"0") or 0)
             op = headers.get(OP_HEADER)
             if op is None:
@@ -510,7 +519,7 @@ def create_app(settings: Settings, segments: Sequence[Segment]) -> faust.App:
             await _forward(b, target, value, [], hops)
             return
         state = b.profile(key, partition)
-        now_ms = clock.evaluation_time(customer_event.occurred_at, state)
+        now_ms = clock.evaluation_time(customer_event.occurred_at, state, b.received)
         if customer_event.source == "crm" and customer_event.type == "erasure_request":
             await _erase(b, key, partition, state, identifiers_of(customer_event), now_ms, customer_event.event_id)
             return
@@ -547,7 +556,7 @@ def create_app(settings: Settings, segments: Sequence[Segment]) -> faust.App:
             b.set_alias(key, partition, outcome.alias)
         if outcome.absorb and own is not None and outcome.alias is not None:
             metrics.merge()
-            now_ms = clock.evaluation_time(command.at, own)
+            now_ms = clock.evaluation_time(command.at, own, b.received)
             released = release(own, now_ms, cause="merge")
             await emit(key, released, b.sends, b.rows)
             await b.forget(key, partition, now_ms, "merge")
@@ -570,7 +579,7 @@ def create_app(settings: Settings, segments: Sequence[Segment]) -> faust.App:
             await _forward(b, target, moved.encode(), moved.headers(), hops)
             return
         state = b.profile(key, partition)
-        now_ms = clock.evaluation_time(command.at, state)
+        now_ms = clock.evaluation_time(command.at, state, b.received)
         result = absorb(state, name, absorbed, command.source, now_ms, definitions.current, config)
         if result.duplicate:
             return
@@ -647,6 +656,42 @@ def create_app(settings: Settings, segments: Sequence[Segment]) -> faust.App:
     else:
         definitions.ready.set()
 
+    handled: dict[int, int] = {}  # customer-events partition -> offset of the last message the profile stage took
+    backlog: dict[int, tuple[int, float]] = {}  # partition -> (its end when assigned, since): timers wait
+
+    async def hold_timers(assigned: set[int]) -> None:
+        """Newly assigned partitions: their timers wait until the profile stage has taken what was
+        on the partition when it was assigned (the batch a crash left uncommitted, redelivered):
+        a transition that fell due meanwhile then lands after those events, as it did the first
+        time, and re-sent changes keep their versions. At most CATCH_UP_SECONDS."""
+        topic = customer_events.get_topic_name()
+        committed = getattr(app.consumer, "_committed_offset", {})
+        start = {TP(topic, p): int(committed.get(TP(topic, p)) or 0) for p in assigned}
+        try:
+            ends = await fetched_ends(settings.bootstrap_servers, start, timeout=5.0, **settings.aiokafka_options())
+        except Exception as exc:  # noqa: BLE001 - no end known: timers run at once, as before
+            log.warning("could not read the ends of %s (%s): timers are not held back", topic, exc)
+            return
+        now = time.monotonic()
+        for tp, end in ends.items():
+            if end > start[tp] and handled.get(tp.partition, -1) < end - 1:
+                backlog[tp.partition] = (end, now)
+
+    def caught_up(partition: int) -> bool:
+        if partition not in backlog:
+            return True
+        end, since = backlog[partition]
+        committed = getattr(app.consumer, "_committed_offset", {}).get(TP(customer_events.get_topic_name(), partition))
+        if handled.get(partition, -1) >= end - 1 or (committed or 0) >= end:
+            del backlog[partition]
+            return True
+        if time.monotonic() - since > CATCH_UP_SECONDS:
+            log.warning("partition %s: the profile stage has not reached offset %s after %.0f s: timers resume",
+                        partition, end - 1, CATCH_UP_SECONDS)
+            del backlog[partition]
+            return True
+        return False
+
     @app.timer(interval=settings.timer_interval_seconds)
     async def tick() -> None:
         """Time-driven transitions: pop what is due from the timer index, never sweep; then
@@ -655,6 +700,8 @@ def create_app(settings: Settings, segments: Sequence[Segment]) -> faust.App:
             return
         topic = customer_events.get_topic_name()
         assigned = {tp.partition for tp in app.assignor.assigned_actives() if tp.topic == topic}
+        if assigned - indexed:
+            await hold_timers(assigned - indexed)
         async with state_lock:
             for partition in indexed - assigned:
                 timers.drop(partition)
@@ -676,7 +723,8 @@ def create_app(settings: Settings, segments: Sequence[Segment]) -> faust.App:
         sends: list[Any] = []
         writes: list[Write] = []
         for partition in sorted(assigned):
-            await fire_timers(partition, clock.now_ms(partition), sends, writes)
+            if caught_up(partition):
+                await fire_timers(partition, clock.now_ms(partition), sends, writes)
         await deliver(sends, writes)
 
     async def _scan_some(budget: int) -> None:
