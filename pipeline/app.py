@@ -923,7 +923,7 @@ def create_app(settings: Settings, segments: Sequence[Segment]) -> faust.App:
                       max_wait_s=settings.batch_seconds, options=settings.aiokafka_options()),
         BatchConsumer(bootstrap_servers=settings.bootstrap_servers, group_id=f"{settings.app_id}-clickhouse",
                       topics=[changes_name, profiles_name, dead_name, folded_name],
-                      max_records=settings.sink_batch_size, max_wait_s=settings.sink_batch_seconds,
+                      max_records=settings.sink_batch_size, max_wait_s=settings.sink_batch_seconds, fill=True,
                       options=settings.aiokafka_options()),
     ]
     stage_lags.extend(group.lag for group in groups)
