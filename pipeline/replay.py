@@ -104,8 +104,12 @@ def run_replay(settings: Settings, sources: Sequence[tuple[str, Path]], *, conso
                                       stderr=subprocess.STDOUT, start_new_session=True)
         try:
             producer = KafkaProducer(bootstrap_servers=broker.bootstrap, linger_ms=20, acks="all")
+            stamp = int(time.time() * 1000)
             for source, key, value in messages:
-                producer.send(settings.topic(source), key=key, value=value)
+                # Strictly increasing record timestamps: the worker takes each batch across
+                # partitions in timestamp order, so the files are handled in the order published.
+                stamp = max(stamp + 1, int(time.time() * 1000))
+                producer.send(settings.topic(source), key=key, value=value, timestamp_ms=stamp)
                 summary.produced[source] += 1
             origins = len(t.INPUTS) * settings.partitions
             marker = Marker(run_id, watermark, origins, settings.partitions)

@@ -12,6 +12,7 @@ again; the handlers' effects are idempotent (event ids, profile versions, Replac
 from __future__ import annotations
 
 import asyncio
+import heapq
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
@@ -87,7 +88,10 @@ class BatchConsumer:
                 for tp, batch in more.items():
                     fetched.setdefault(tp, []).extend(batch)
                     count += len(batch)
-        records = [record for batch in fetched.values() for record in batch]
+        # Across partitions in the order the records reached the broker (each partition's own
+        # order kept): a replay's files, or a visit then the sign-up it led to, are handled in the
+        # order they were published rather than in the order the fetches came back.
+        records = list(heapq.merge(*fetched.values(), key=_timestamp))
         if not records:
             return 0
         for tp, batch in fetched.items():
@@ -143,6 +147,10 @@ class BatchConsumer:
     def joined(self) -> bool:
         """The group gave this consumer its partitions (perhaps none) at least once."""
         return self._joined.is_set()
+
+
+def _timestamp(record: Any) -> int:
+    return int(record.timestamp or 0)
 
 
 class _Joined(ConsumerRebalanceListener):  # type: ignore[misc]
