@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import bisect
 import hmac
 import inspect
 import json
@@ -108,7 +107,7 @@ class ApiBackend(Protocol):
                      ) -> tuple[list[dict[str, Any]], str | None]:
         """One page of at most ``limit`` members after ``cursor`` (None: the first page), and the
         cursor of the next page (None: this was the last). Raise ``NotFound`` for an unknown
-        segment, ``BadRequest`` for a cursor that cannot be read (``paginate`` does both)."""
+        segment, ``BadRequest`` for a cursor that cannot be read."""
         ...
 
     async def explain(self, customer_id: str, segment_id: str) -> dict[str, Any] | None:
@@ -156,29 +155,6 @@ def _instant(value: Any) -> int:
 def cohort_key(row: Mapping[str, Any]) -> tuple[int, str]:
     """The order of a cohort: member since, then customer id (as ``pipeline.cohorts.cohort``)."""
     return _instant(row.get("since")), str(row.get("customer_id"))
-
-
-def paginate(rows: Sequence[Mapping[str, Any]], *, limit: int, cursor: str | None,
-             key: Callable[[Mapping[str, Any]], tuple[Any, ...]] = cohort_key
-             ) -> tuple[list[Mapping[str, Any]], str | None]:
-    """Keyset pagination: the ``limit`` rows whose key follows the cursor's, in key order.
-
-    Keys must be unique (the cohort key includes the customer id). A row added or removed
-    between two pages shifts no other row, so walking the pages of a stable cohort gives every
-    member exactly once.
-    """
-    ordered = sorted(rows, key=key)
-    keys = [key(row) for row in ordered]
-    start = 0
-    if cursor:
-        after = decode_cursor(cursor)
-        try:
-            start = bisect.bisect_right(keys, after)
-        except TypeError:
-            raise BadRequest("the cursor is not one this API gave out; start again without a cursor") from None
-    page = ordered[start:start + limit]
-    more = start + limit < len(ordered)
-    return page, encode_cursor(key(page[-1])) if more and page else None
 
 
 # --- dashboard data -----------------------------------------------------------------------------
@@ -243,8 +219,10 @@ class WorkerBackend:
     - ``lookup(customer_id)``: the stored ``ProfileState`` or None (sync or async, e.g.
       ``ProfileStore.get(key, partition_for_key(key, partitions))``);
     - ``now_ms(customer_id)``: the pipeline clock for that customer's partition (``Clock.now_ms``);
-    - ``members(segment_id)``: the cohort, rows with ``customer_id``, ``since``, ``anonymous_ids``
-      (e.g. ``pipeline.cohorts.cohort`` run in an executor);
+    - ``members(segment_id, limit, after)``: one page of the cohort in ``cohort_key`` order, rows
+      with ``customer_id``, ``since``, ``anonymous_ids``: at most ``limit`` members whose key follows
+      ``after`` (``(since in epoch µs, customer_id)``, None: from the start) — e.g.
+      ``pipeline.cohorts.cohort(..., limit=, after=)`` run in an executor, which reads only that page;
     - ``sizes()``: segment id -> members (e.g. ``pipeline.cohorts.segment_sizes``);
     - ``ready()``, ``owner(customer_id)``: see ``ApiBackend.is_ready`` and ``owner_url``;
     - ``dashboard()``: ``dashboard_data`` run in an executor (None: the dashboard shows sizes only).
@@ -252,7 +230,7 @@ class WorkerBackend:
 
     def __init__(self, *, segments: Callable[[], Sequence[Segment]], lookup: Lookup,
                  now_ms: Callable[[str], int],
-                 members: Callable[[str], Awaitable[Sequence[Mapping[str, Any]]]],
+                 members: Callable[[str, int, tuple[int, str] | None], Awaitable[Sequence[Mapping[str, Any]]]],
                  sizes: Callable[[], Awaitable[Mapping[str, int]]],
                  ready: Callable[[], bool], owner: Callable[[str], str | None] | None = None,
                  half_life_days: float = 30.0,
@@ -305,7 +283,15 @@ class WorkerBackend:
     async def cohort(self, segment_id: str, *, limit: int, cursor: str | None
                      ) -> tuple[list[dict[str, Any]], str | None]:
         self._segment(segment_id)
-        page, next_cursor = paginate(await self._members(segment_id), limit=limit, cursor=cursor)
+        after = None
+        if cursor:
+            position = decode_cursor(cursor)
+            if len(position) != 2 or type(position[0]) is not int or not isinstance(position[1], str):
+                raise BadRequest("the cursor is not one this API gave out; start again without a cursor")
+            after = (position[0], position[1])
+        rows = list(await self._members(segment_id, limit + 1, after))  # one more: is there a next page?
+        page = rows[:limit]
+        next_cursor = encode_cursor(cohort_key(page[-1])) if len(rows) > limit and page else None
         return [jsonable(row) for row in page], next_cursor
 
     async def explain(self, customer_id: str, segment_id: str) -> dict[str, Any] | None:

@@ -20,7 +20,7 @@ import weakref
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import faust
@@ -856,10 +856,13 @@ def create_app(settings: Settings, segments: Sequence[Segment]) -> faust.App:
             key = target.encode()
         return None
 
-    async def members(segment_id: str) -> list[dict[str, Any]]:
+    async def members(segment_id: str, limit: int, after: tuple[int, str] | None) -> list[dict[str, Any]]:
+        """One keyset page of a cohort: only that page is read from ClickHouse."""
+        since = None if after is None else (datetime(1970, 1, 1, tzinfo=UTC) + timedelta(microseconds=after[0]),
+                                            after[1])
         client = await asyncio.get_running_loop().run_in_executor(executor, lambda: writer.client)
         return await asyncio.get_running_loop().run_in_executor(
-            executor, cohort, client, settings.clickhouse_database, segment_id)
+            executor, lambda: cohort(client, settings.clickhouse_database, segment_id, limit=limit, after=since))
 
     async def sizes() -> dict[str, int]:
         client = await asyncio.get_running_loop().run_in_executor(executor, lambda: writer.client)

@@ -17,6 +17,7 @@ from pipeline.api import (
     WorkerBackend,
     bound_port,
     build_api,
+    cohort_key,
     start_api,
     stop_api,
 )
@@ -89,8 +90,10 @@ class Parts:
             self.lookups.append(customer_id)
             return self.states.get(customer_id)
 
-        async def cohort(segment_id):
-            return list(self.cohorts[segment_id])
+        async def cohort(segment_id, limit, after):
+            # what pipeline.cohorts.cohort(limit=, after=) answers: the page after the key, in key order
+            rows = sorted(self.cohorts[segment_id], key=cohort_key)
+            return [r for r in rows if after is None or cohort_key(r) > after][:limit]
 
         async def sizes():
             if self.sizes_fail:
