@@ -47,6 +47,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from benchlib import send_end_markers
+
 from pipeline.broker import topics as t
 from pipeline.broker.embedded import EmbeddedBroker, free_port
 from pipeline.codecs import decode_change
@@ -286,13 +288,7 @@ class Bench:
             self.send(producer, "burst")
         watermark = int(time.time() * 1000)
         run_id = uuid.uuid4().hex
-        marker = Marker(run_id, watermark, len(t.INPUTS) * args.partitions, args.partitions)
-        for source in t.INPUTS:
-            for partition in range(args.partitions):
-                producer.send(f"{PREFIX}{source}", value=marker.encode(), partition=partition,
-                              headers=marker.headers())
-        producer.flush()
-        producer.close()
+        send_end_markers(producer, lambda source: f"{PREFIX}{source}", run_id, watermark, args.partitions)
         produced_at = time.time()
         consumer = KafkaConsumer(bootstrap_servers=self.broker.bootstrap, consumer_timeout_ms=200)
         consumer.assign([TopicPartition(f"{PREFIX}{t.CONTROL}", p) for p in range(args.partitions)])
@@ -331,7 +327,7 @@ def main() -> int:
     tmp = Path(tempfile.mkdtemp(prefix="bench-latency-"))
     bench = Bench(args, tmp)
     result: dict[str, Any] = {"settings": {"partitions": args.partitions, "store": "rocksdb://", "clock": "wall",
-                                           "sink_batch_seconds": 0.5, "batch_seconds": 0.2,
+                                           "sink_batch_seconds": 0.5, "batch_seconds": 0.05,
                                            "timer_interval_seconds": 0.5, "segments": SEGMENTS}}
     try:
         bench.start()

@@ -55,7 +55,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from benchlib import RESULT_PREFIX, cpu_seconds, status_kib
+from benchlib import RESULT_PREFIX, cpu_seconds, send_end_markers, status_kib
 
 from pipeline.broker import topics as t
 from pipeline.broker.embedded import EmbeddedBroker
@@ -166,13 +166,8 @@ class Bench:
         for source, key, value in messages:
             producer.send(f"{PREFIX}{source}", key=key or None, value=value)
             per_source[source] += 1
-        marker = Marker(f"bench-{self.run_id}", watermark, self.markers, args.partitions)
-        for source in t.INPUTS:
-            for partition in range(args.partitions):
-                producer.send(f"{PREFIX}{source}", value=marker.encode(), partition=partition,
-                              headers=marker.headers())
-        producer.flush()
-        producer.close()
+        marker = send_end_markers(producer, lambda source: f"{PREFIX}{source}", f"bench-{self.run_id}", watermark,
+                                  args.partitions)
         produced = time.perf_counter() - started
         self.events = len(messages)
         self.marker = marker

@@ -48,7 +48,7 @@ from typing import Any
 
 from bench_pipeline import RETENTION, Sampler, _code_state, _die_with_parent
 from bench_profiles import _get
-from benchlib import cpu_seconds, status_kib
+from benchlib import cpu_seconds, send_end_markers, status_kib
 
 from pipeline.broker import topics as t
 from pipeline.broker.embedded import EmbeddedBroker, free_port
@@ -153,13 +153,7 @@ class Variant:
         started = time.perf_counter()
         for source, key, value in messages:
             producer.send(self.topic(source), key=key or None, value=value)
-        marker = Marker(f"bench-{self.app_id}", watermark, len(t.INPUTS) * self.partitions, self.partitions)
-        for source in t.INPUTS:
-            for partition in range(self.partitions):
-                producer.send(self.topic(source), value=marker.encode(), partition=partition,
-                              headers=marker.headers())
-        producer.flush()
-        producer.close()
+        marker = send_end_markers(producer, self.topic, f"bench-{self.app_id}", watermark, self.partitions)
         return marker, time.perf_counter() - started
 
     def wait_markers(self, marker: Marker) -> tuple[float, dict[str, int]]:

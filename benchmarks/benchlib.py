@@ -1,5 +1,5 @@
-"""Helpers shared by the pipeline benchmark's driver (bench_pipeline.py) and its variant processes:
-CPU and memory of a process from /proc, and the one-line result a variant prints when it is done.
+"""Helpers shared by the benchmarks: CPU and memory of a process from /proc, the one-line result a
+variant process prints when it is done, and the end markers that close a produced backlog.
 """
 
 from __future__ import annotations
@@ -8,6 +8,7 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 RESULT_PREFIX = "BENCH-RESULT "
@@ -63,3 +64,19 @@ def report(result: dict[str, Any]) -> None:
     """Print the variant's result as one line the driver picks out of stdout."""
     sys.stdout.write(RESULT_PREFIX + json.dumps(result) + "\n")
     sys.stdout.flush()
+
+
+def send_end_markers(producer: Any, topic_of: Callable[[str], str], run_id: str, watermark: int,
+                     partitions: int) -> Any:
+    """One end marker (pipeline.control) into every partition of every input topic, after what the
+    producer sent before; flushes and closes the producer. Returns the marker."""
+    from pipeline.broker import topics as t
+    from pipeline.control import Marker
+
+    marker = Marker(run_id, watermark, len(t.INPUTS) * partitions, partitions)
+    for source in t.INPUTS:
+        for partition in range(partitions):
+            producer.send(topic_of(source), value=marker.encode(), partition=partition, headers=marker.headers())
+    producer.flush()
+    producer.close()
+    return marker

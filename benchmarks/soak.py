@@ -44,7 +44,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from benchlib import cpu_seconds, status_kib
+from benchlib import cpu_seconds, send_end_markers, status_kib
 
 from pipeline.broker import topics as t
 from pipeline.broker.embedded import EmbeddedBroker, free_port
@@ -242,19 +242,13 @@ class Soak:
             time.sleep(interval)
         producer.flush()
         run_id = uuid.uuid4().hex
-        markers = len(t.INPUTS) * args.partitions
-        marker = Marker(run_id, self.watermark, markers, args.partitions)
-        for source in t.INPUTS:
-            for partition in range(args.partitions):
-                producer.send(f"{PREFIX}{source}", value=marker.encode(), partition=partition,
-                              headers=marker.headers())
-        producer.flush()
-        producer.close()
+        marker = send_end_markers(producer, lambda source: f"{PREFIX}{source}", run_id, self.watermark,
+                                  args.partitions)
         sent_at = time.time()
         self.wait_done(run_id)
         drain_s = time.time() - sent_at
         final = self.sample(started)
-        return self.verdict(final, markers, drain_s)
+        return self.verdict(final, marker.origins, drain_s)
 
     def wait_done(self, run_id: str) -> None:
         from kafka import KafkaConsumer, TopicPartition
