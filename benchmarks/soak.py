@@ -117,6 +117,23 @@ def slope_per_minute(points: list[tuple[float, float]]) -> float:
     return 0.0 if var == 0 else 60 * sum((x - mx) * (y - my) for x, y in points) / var
 
 
+def child_pids(pid: int) -> list[int]:
+    """Every descendant of ``pid`` (the worker's children: a chDB process of its own, if it has one)."""
+    out: list[int] = []
+    try:
+        tasks = list(Path(f"/proc/{pid}/task").iterdir())
+    except OSError:
+        return out
+    for task in tasks:
+        try:
+            kids = [int(x) for x in (task / "children").read_text().split()]
+        except OSError:
+            continue
+        for kid in kids:
+            out += [kid, *child_pids(kid)]
+    return out
+
+
 def messages(customers: int, seed: int):  # noqa: ANN201 - an endless iterator of (source, key, JSON bytes)
     """The extended generated stream with occurred_at rewritten to the moment of sending."""
     for message in traffic(customers=customers, seed=seed, start_ms=int(time.time() * 1000), step_ms=1,
@@ -145,6 +162,7 @@ class Soak:
         self.broker.start()
         t.ensure_topics([self.broker.bootstrap], t.product_topics(self.settings()), self.args.partitions)
         env = {k: v for k, v in os.environ.items() if not k.startswith("PIPELINE_")}
+        env.update(dict(self.args.env))
         env.update({"PIPELINE_BROKER": self.broker.url, "PIPELINE_TOPIC_PREFIX": PREFIX,
                     "PIPELINE_APP_ID": f"soak-{uuid.uuid4().hex[:8]}", "PIPELINE_DATA_DIR": str(self.tmp / "worker"),
                     "PIPELINE_PARTITIONS": str(self.args.partitions), "PIPELINE_STORE": self.args.store,
@@ -191,6 +209,17 @@ class Soak:
                "timers_pending": int(metrics.get("pipeline_timers_pending", 0)),
                "profiles": int(metrics.get("pipeline_profiles_in_store", 0)),
                "log_errors": errors, "tracebacks": tracebacks}
+        # the worker's child processes (chDB in a process of its own): their RSS is not in the worker's
+        children = {}
+        for pid in child_pids(self.worker.pid):
+            kib = status_kib("VmRSS", pid)
+            if kib:
+                children[str(pid)] = {"rss_mib": round(kib / 1024, 1),
+                                      "rss_anon_mib": round(status_kib("RssAnon", pid) / 1024, 1)}
+        if children:
+            row["children"] = children
+            row["children_rss_mib"] = round(sum(c["rss_mib"] for c in children.values()), 1)
+            row["total_rss_mib"] = round(row["rss_mib"] + row["children_rss_mib"], 1)
         if self.samples:
             prev = self.samples[-1]
             span = row["t_s"] - prev["t_s"]
@@ -274,6 +303,8 @@ class Soak:
         rss = [(s["t_s"], s["rss_mib"]) for s in warm]
         anon = [(s["t_s"], s["rss_anon_mib"]) for s in warm]
         half = [s for s in warm if s["t_s"] >= (self.args.warmup * 60 + final["t_s"]) / 2]
+        last30 = [s for s in warm if s["t_s"] >= final["t_s"] - 30 * 60]
+        total = [(s["t_s"], s.get("total_rss_mib", s["rss_mib"])) for s in warm]
         lags = [s["lag"] for s in self.samples]
         alive = self.worker is not None and self.worker.poll() is None
         lost = self.produced + markers - final["events_in"]
@@ -287,6 +318,12 @@ class Soak:
             "rss_anon_slope_mib_per_min": round(slope_per_minute(anon), 3),
             # the second half of the run after the warm-up alone: a plateau shows as ~0 here
             "rss_slope_second_half_mib_per_min": round(slope_per_minute([(s["t_s"], s["rss_mib"]) for s in half]), 3),
+            # the last 30 minutes (the whole run after the warm-up when shorter): the plateau test of a long run
+            "rss_slope_last_30min_mib_per_min": round(slope_per_minute([(s["t_s"], s["rss_mib"]) for s in last30]), 3),
+            # worker plus its child processes (equal to the worker's when it has none)
+            "total_rss_slope_mib_per_min": round(slope_per_minute(total), 3),
+            "total_rss_end_mib": final.get("total_rss_mib", final["rss_mib"]),
+            "worker_env": dict(self.args.env),
             "rss_file_end_mib": final["rss_file_mib"], "rss_anon_end_mib": final["rss_anon_mib"],
             "store": self.args.store,
             "loadavg_1m_mean": round(sum(s["loadavg_1m"] for s in self.samples) / len(self.samples), 2),
@@ -315,6 +352,10 @@ def main() -> int:
                         help="run the worker under pipeline.memdebug and keep its memory attribution samples")
     parser.add_argument("--tracemalloc", type=int, default=0, metavar="FRAMES",
                         help="with --debug-memory: trace Python allocations (slows the worker; not for figures)")
+    parser.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
+                        type=lambda x: tuple(x.split("=", 1)),
+                        help="an extra variable in the worker's environment (memory experiments: MALLOC_ARENA_MAX=2, "
+                             "MALLOC_CONF=..., PIPELINE_DEBUG_MALLOC_TRIM=1); repeatable")
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="soak-"))
     soak = Soak(args, tmp)
@@ -337,7 +378,9 @@ def main() -> int:
           f"{v['minutes']:g} min, lost {v['lost']}, worker alive {v['alive']}; RSS {v['rss_start_mib']} -> "
           f"{v['rss_after_warmup_mib']} (after warm-up) -> {v['rss_end_mib']} MiB, growth after warm-up "
           f"{v['rss_slope_mib_per_min']:+.2f} MiB/min ({v['rss_slope_second_half_mib_per_min']:+.2f} in its second "
-          f"half; anonymous {v['rss_anon_end_mib']}, file-backed {v['rss_file_end_mib']} MiB at the end); "
+          f"half, {v['rss_slope_last_30min_mib_per_min']:+.2f} in its last 30 min; worker + children "
+          f"{v['total_rss_end_mib']} MiB at the end, {v['total_rss_slope_mib_per_min']:+.2f} MiB/min; "
+          f"anonymous {v['rss_anon_end_mib']}, file-backed {v['rss_file_end_mib']} MiB at the end); "
           f"lag max {v['lag_max']} p99 {v['lag_p99']}; "
           f"errors {v['log_errors']}, tracebacks {v['tracebacks']}; drained in {v['drain_s']} s", flush=True)
     return 0 if v["ok"] else 1

@@ -22,6 +22,7 @@ import ctypes
 import gc
 import json
 import os
+import re
 import sys
 import threading
 import time
@@ -32,6 +33,9 @@ from typing import Any
 OUT_VAR = "PIPELINE_DEBUG_MEMORY"
 TRACEMALLOC_VAR = "PIPELINE_DEBUG_TRACEMALLOC"
 INTERVAL_VAR = "PIPELINE_DEBUG_MEMORY_SECONDS"
+# experiment only: malloc_trim(0) after every sample, to measure how much of glibc's free-but-held
+# memory the kernel gets back (RSS before and after are recorded)
+TRIM_VAR = "PIPELINE_DEBUG_MALLOC_TRIM"
 
 ROCKSDB_PROPERTIES = ("rocksdb.cur-size-all-mem-tables", "rocksdb.block-cache-usage",
                       "rocksdb.estimate-table-readers-mem", "rocksdb.estimate-num-keys",
@@ -66,36 +70,61 @@ def process_memory() -> dict[str, float]:
     return {f"{k}_mib": round(v / 1024, 1) for k, v in status.items()}
 
 
-def anonymous_mappings() -> dict[str, float]:
-    """Resident anonymous memory (MiB) by kind of mapping, from /proc/self/smaps: the brk heap (glibc's
-    main arena), 64 MiB-reserved glibc thread arenas, 1 MiB ones (CPython's object arenas) and the rest
-    (large malloc blocks, the chDB engine's jemalloc extents, thread stacks)."""
-    out = {"heap_mib": 0.0, "thread_arenas_mib": 0.0, "mib1_mib": 0.0, "other_anon_mib": 0.0}
+def _smaps_entries(pid: int | str = "self") -> list[tuple[int, int, str, str, int]]:
+    """(start, end, perms, name, anonymous KiB) of every mapping in /proc/PID/smaps."""
+    entries: list[tuple[int, int, str, str, int]] = []
     try:
-        with open("/proc/self/smaps") as handle:
-            name, size = "", 0
+        with open(f"/proc/{pid}/smaps") as handle:
             for line in handle:
                 head = line.split(None, 1)[0]
                 if "-" in head and not head.endswith(":"):  # a mapping's first line
                     fields = line.split()
-                    name = fields[5] if len(fields) > 5 else ""
                     start, end = (int(x, 16) for x in head.split("-"))
-                    size = (end - start) // 1024
-                elif head == "Anonymous:":
-                    kib = int(line.split()[1])
-                    if name == "[heap]":
-                        out["heap_mib"] += kib / 1024
-                    elif name:
-                        continue  # stacks and named mappings are not allocator memory
-                    elif size == 1024:
-                        out["mib1_mib"] += kib / 1024
-                    elif 60 * 1024 <= size <= 64 * 1024:
-                        out["thread_arenas_mib"] += kib / 1024
-                    else:
-                        out["other_anon_mib"] += kib / 1024
+                    entries.append((start, end, fields[1], fields[5] if len(fields) > 5 else "", 0))
+                elif head == "Anonymous:" and entries:
+                    start, end, perms, name, _ = entries[-1]
+                    entries[-1] = (start, end, perms, name, int(line.split()[1]))
     except OSError:
+        return []
+    return entries
+
+
+GLIBC_HEAP_MAX = 64 * 1024 * 1024  # HEAP_MAX_SIZE of a glibc thread arena on 64-bit
+
+
+def anonymous_mappings(pid: int | str = "self", top: int = 8) -> dict[str, Any]:
+    """Resident anonymous memory (MiB) by kind of mapping, from /proc/PID/smaps: the brk heap (glibc's
+    main arena), glibc thread arenas (a read-write mapping at a 64 MiB boundary followed by its
+    PROT_NONE reserve up to 64 MiB: smaps shows the two parts as separate mappings, so classifying by
+    size alone put every thread arena into "other"), and the rest (CPython's 1 MiB object arenas,
+    large malloc blocks, the chDB engine's jemalloc extents: adjacent anonymous mappings with the same
+    permissions are merged by the kernel, so these are not separable by size). ``top`` lists the
+    largest other mappings by address: which of them grow over time is the most direct evidence."""
+    entries = _smaps_entries(pid)
+    if not entries:
         return {}
-    return {k: round(v, 1) for k, v in out.items()}
+    out = {"heap_mib": 0.0, "thread_arenas_mib": 0.0, "other_anon_mib": 0.0, "thread_arenas": 0}
+    others: list[tuple[int, int, int]] = []
+    for i, (start, end, _perms, name, kib) in enumerate(entries):
+        if not kib:
+            continue
+        if name == "[heap]":
+            out["heap_mib"] += kib / 1024
+            continue
+        if name:
+            continue  # stacks, files and named mappings are not allocator memory
+        nxt = entries[i + 1] if i + 1 < len(entries) else None
+        reserve_end = nxt[1] if nxt and nxt[0] == end and nxt[2].startswith("---") else end
+        if start % GLIBC_HEAP_MAX == 0 and reserve_end - start == GLIBC_HEAP_MAX:
+            out["thread_arenas_mib"] += kib / 1024
+            out["thread_arenas"] += 1
+        else:
+            out["other_anon_mib"] += kib / 1024
+            others.append((kib, start, end))
+    result: dict[str, Any] = {k: round(v, 1) for k, v in out.items()}
+    result["top_other"] = [{"at": hex(start), "size_mib": round((end - start) / 2**20, 1),
+                            "anon_mib": round(kib / 1024, 1)} for kib, start, end in sorted(others, reverse=True)[:top]]
+    return result
 
 
 def glibc_heap() -> dict[str, float]:
@@ -117,6 +146,22 @@ def trim_heap() -> int:
         return int(ctypes.CDLL("libc.so.6").malloc_trim(0))
     except (OSError, AttributeError):
         return 0
+
+
+JEMALLOC_LINE = re.compile(r"Allocated: (\d+), active: (\d+), metadata: (\d+).*?resident: (\d+), mapped: (\d+), "
+                           r"retained: (\d+)")
+
+
+def jemalloc_summary(client: Any) -> dict[str, float]:
+    """The chDB engine's allocator (ClickHouse's jemalloc, linked into chDB's library with its own
+    symbols, not the process's malloc): allocated, active, metadata, resident, mapped and retained
+    MiB from ``system.jemalloc_stats`` (malloc_stats_print). Resident is what it holds in RSS."""
+    text = str(client.query("SELECT stats FROM system.jemalloc_stats").result_rows[0][0])
+    match = JEMALLOC_LINE.search(text)
+    if not match:
+        return {}
+    names = ("allocated", "active", "metadata", "resident", "mapped", "retained")
+    return {f"jemalloc_{n}_mib": round(int(v) / 2**20, 1) for n, v in zip(names, match.groups(), strict=True)}
 
 
 def _faust_apps() -> list[Any]:
@@ -156,6 +201,7 @@ def chdb_memory() -> dict[str, Any]:
     names = ", ".join(f"'{m}'" for m in CHDB_METRICS)
     out: dict[str, Any] = {}
     try:
+        out.update(jemalloc_summary(client))
         out.update({k: int(v) for k, v in client.query(
             f"SELECT metric, value FROM system.metrics WHERE metric IN ({names})").result_rows})
         rows = client.query("SELECT count(), sum(rows), sum(primary_key_bytes_in_memory_allocated), "
@@ -169,7 +215,8 @@ def chdb_memory() -> dict[str, Any]:
 
 
 class Sampler:
-    def __init__(self, path: Path, interval: float, frames: int) -> None:
+    def __init__(self, path: Path, interval: float, frames: int, trim: bool = False) -> None:
+        self.trim = trim
         self.path = path
         self.interval = interval
         self.frames = frames
@@ -195,6 +242,9 @@ class Sampler:
                     {"where": str(s.traceback).splitlines()[0] if s.traceback else "?",
                      "kib": round(s.size_diff / 1024, 1), "count": s.count_diff}
                     for s in snapshot.compare_to(self.baseline, "lineno")[:15]]
+        if self.trim:
+            row["trimmed"] = trim_heap()
+            row["after_trim"] = {**process_memory(), **glibc_heap()}
         return row
 
     def run(self) -> None:
@@ -216,7 +266,8 @@ def install() -> bool:
     frames = int(os.environ.get(TRACEMALLOC_VAR, "0") or 0)
     if frames > 0:
         tracemalloc.start(frames)
-    sampler = Sampler(Path(out), float(os.environ.get(INTERVAL_VAR, "20") or 20), frames)
+    sampler = Sampler(Path(out), float(os.environ.get(INTERVAL_VAR, "20") or 20), frames,
+                      trim=os.environ.get(TRIM_VAR, "") not in ("", "0"))
     threading.Thread(target=sampler.run, name="memdebug", daemon=True).start()
     return True
 
