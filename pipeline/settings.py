@@ -46,9 +46,14 @@ class Settings(BaseSettings):
     clickhouse_url: SecretStr | None = Field(
         None,
         description="ClickHouse DSN: http(s)://user:password@host:port/database or chdb:///path. "
-        "Default: chdb:// under DATA_DIR/clickhouse (embedded, in-process).",
+        "Default: chdb:// under DATA_DIR/clickhouse (embedded; see PIPELINE_CLICKHOUSE_PROCESS).",
     )
     clickhouse_database: str = Field("segments", description="ClickHouse database of the product's tables.")
+    clickhouse_process: bool = Field(
+        True, description="Run embedded ClickHouse (chdb:// DSNs) in a child process of each process that opens it "
+        "(worker, CLI), behind a proxy client: clickhouse-connect serializes inserts in Python holding the GIL "
+        "(about a tenth of a worker's time) and chDB's native memory would be counted in the worker's RSS. The "
+        "child exits with its parent. false: chDB in the process itself (one data path per process either way).")
     clickhouse_cluster: str = Field(
         "", description="ClickHouse cluster (remote_servers name or a macro such as '{cluster}'): the migrations "
         "create replicated <table>_local tables ON CLUSTER and Distributed tables over them (docs/clickhouse.md; "

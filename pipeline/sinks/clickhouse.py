@@ -27,9 +27,13 @@ _clients_lock = threading.Lock()
 UNAVAILABLE_SUFFIX = ".unavailable"  # test hook, see ClickHouseWriter._check_available
 
 
-def connect(dsn: str, *, database: str | None = None) -> Any:
+def connect(dsn: str, *, database: str | None = None, process: bool | None = None) -> Any:
     """A clickhouse-connect client for a chdb:// or http(s):// DSN (chDB clients are shared:
-    a data directory can be held by one client per process)."""
+    a data directory can be held by one client per process).
+
+    A chdb:// engine runs in a child process behind a proxy client (pipeline/sinks/chdb_process.py)
+    unless ``process`` is false (default: PIPELINE_CLICKHOUSE_PROCESS): the process that calls
+    this still holds the data path, through its child, as far as any other process can tell."""
     import clickhouse_connect
 
     try:
@@ -37,7 +41,17 @@ def connect(dsn: str, *, database: str | None = None) -> Any:
             with _clients_lock:
                 client = _clients.get(dsn)
                 if client is None:
-                    client = clickhouse_connect.get_client(dsn=dsn)
+                    options: dict[str, Any] = {"dsn": dsn}  # clickhouse_connect.get_client's arguments
+                    if process is None:
+                        from pipeline.settings import load_settings
+
+                        process = load_settings().clickhouse_process
+                    if process:
+                        from pipeline.sinks.chdb_process import ChdbProcessClient
+
+                        client = ChdbProcessClient(options)
+                    else:
+                        client = clickhouse_connect.get_client(**options)
                     _clients[dsn] = client
                 return client
         parsed = urlparse(dsn)

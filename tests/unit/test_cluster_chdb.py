@@ -38,7 +38,7 @@ CHILD = textwrap.dedent('''
     path, config = sys.argv[1], sys.argv[2]
     engine = chdb.connect(f"{path}?config-file={config}")  # the process's engine, with the cluster config
     db, cluster = "segments", Cluster("{cluster}")
-    client = connect(f"chdb://{path}")
+    client = connect(f"chdb://{path}", process=False)  # the engine opened above, with its config
     statements = bookkeeping(db, cluster=cluster) + [s for _, _, g in migrations(db, cluster=cluster) for s in g]
     for statement in statements:
         client.command(strip_cluster(statement))
