@@ -209,7 +209,10 @@ def _short_fetch_wait() -> None:
     driver.AIOKafkaConsumerThread._create_worker_consumer = create_with_short_wait  # type: ignore[method-assign]
 
 
-def create_app(settings: Settings, segments: Sequence[Segment]) -> faust.App:
+def create_app(settings: Settings, segments: Sequence[Segment], *, live_definitions: bool = True) -> faust.App:
+    """The worker's faust.App. ``live_definitions=False``: the given segments stay in force, no
+    follower of the definitions topic (agent tests, tests/agents, run the profile agent alone in
+    faust's ``test_context()``, where no app task runs to make the definitions ready)."""
     _short_fetch_wait()
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     # Shared with the other workers through the group's assignment: where each one's API is.
@@ -627,7 +630,7 @@ def create_app(settings: Settings, segments: Sequence[Segment]) -> faust.App:
         rescan.update(indexed)  # the next tick checks every profile again
         log.info("segment definitions now: %s (set %s)", ", ".join(s.id for s in new), definitions.fingerprint)
 
-    if not settings.embedded_broker:
+    if live_definitions and not settings.embedded_broker:
         @app.task
         async def follow_definitions() -> None:
             """Live definitions from the compacted topic; ready once read up to our own sentinel."""
