@@ -12,6 +12,7 @@ everything before them was processed and flushed.
 from __future__ import annotations
 
 import asyncio
+import heapq
 import json
 import logging
 import time
@@ -53,12 +54,12 @@ from pipeline.linking import (
 )
 from pipeline.metrics import Metrics
 from pipeline.privacy import redact_emails
-from pipeline.processor import Config, StepResult, absorb, advance, reevaluate, release, schedule, step
+from pipeline.processor import Config, StepResult, absorb, advance, release, schedule, step
 from pipeline.profile import ProfileState
 from pipeline.recovery import CompleteTableManager, fetched_ends
 from pipeline.registry import RegistrySchemas, schema_source
 from pipeline.segments.definitions import Segment
-from pipeline.segments.live import SENTINEL_PREFIX, DefinitionLog, set_fingerprint
+from pipeline.segments.live import SENTINEL_PREFIX, DefinitionLog, SetHistory, backfill, set_fingerprint
 from pipeline.settings import Settings
 from pipeline.sinks.clickhouse import CHANGE_TABLES, EVENT_TABLES, PROFILE_TABLES, ClickHouseWriter, event_row
 from pipeline.sinks.cluster import cluster_from_settings
@@ -156,13 +157,25 @@ class PartitionedStore:
             self.table.data[key] = value
         return self.table.send_changelog(partition, key, value)
 
-    def items(self, partition: int, partitions: int) -> list[tuple[bytes, bytes]]:
-        """Every entry of one partition (rebuilding the timer index after an assignment)."""
+    def scan(self, partition: int, partitions: int, after: bytes | None, limit: int) -> list[tuple[bytes, bytes]]:
+        """The next ``limit`` entries of one partition in key order, after the key ``after`` (None: from
+        the first). A scan goes through a partition chunk by chunk with the values read as they are
+        now (events are folded in between chunks), with no list of every key held meanwhile."""
         data = self.table.data
-        if getattr(data, "_dbs", None) is not None:  # RocksDB: one database per partition
-            return [(k, v) for k, v in data._visible_items(data._db_for_partition(partition)) if v]
+        if getattr(data, "_dbs", None) is not None:  # RocksDB: one database per partition, sorted by key
+            offset_key = getattr(data, "offset_key", None)
+            out = []
+            for k, v in data._db_for_partition(partition).items(from_key=after):
+                if k == after or k == offset_key or not v:
+                    continue
+                out.append((k, v))
+                if len(out) >= limit:
+                    break
+            return out
         # memory: one dict; the partition is the key's under the default partitioner
-        return [(k, v) for k, v in list(data.data.items()) if v and partition_for_key(k, partitions) == partition]
+        keys = heapq.nsmallest(limit, (k for k, v in data.data.items() if v and (after is None or k > after)
+                                       and partition_for_key(k, partitions) == partition))
+        return [(k, data.data[k]) for k in keys]
 
 
 def _encode_state(state: ProfileState) -> bytes:
@@ -371,11 +384,21 @@ def create_app(settings: Settings, segments: Sequence[Segment], *, live_definiti
         """Apply the time-driven transitions of one partition due up to ``now_ms`` (lock held)."""
         for key, due in timers.pop_due(partition, now_ms):
             state = _decode_state(store.get(key, partition))
-            if state is None or state.next_check_at != due:
-                continue  # erased, or rescheduled since
+            if state is None:
+                continue  # erased
+            if state.definitions != definitions.fingerprint:
+                # Left under an older set by a backfill that changed nothing for it (_scan_some): the
+                # index holds that backfill's next check, maybe a new segment's before the stored one.
+                if state.next_check_at is None or state.next_check_at > due:
+                    state.next_check_at = due
+            elif state.next_check_at != due:
+                continue  # rescheduled since
             result = advance(state, now_ms, definitions.current, config)
-            if result.row is not None:
-                writes.append((store, key, partition, _encode_state(state)))
+            state.definitions = definitions.fingerprint  # advance evaluated every segment of this set
+            # Written even when nothing changed: the stored next check must stay the index's, or the
+            # next one would be taken for "rescheduled since" and skipped (a swept segment, a check
+            # at an instant where nothing changes).
+            writes.append((store, key, partition, _encode_state(state)))
             await emit(key, result, sends)
             timers.put(partition, key, state.next_check_at)
 
@@ -622,11 +645,19 @@ def create_app(settings: Settings, segments: Sequence[Segment], *, live_definiti
             await b.command(Command("erase", other, at=now_ms, cause=cause))
 
     indexed: set[int] = set()
-    scan_queue: dict[int, list[bytes]] = {}  # keys still to check per partition, after an assignment or a new set
+    # Partitions whose profiles are being checked (after an assignment or a new set): the last key
+    # checked, None before the first.
+    scan_from: dict[int, bytes | None] = {}
     rescan: set[int] = set()  # partitions to check again from the start (a new definition set)
+    # The sets in force so far: a profile still marked with one of them is brought up to date by
+    # evaluating only what changed since (pipeline.segments.live.backfill).
+    history = SetHistory()
+    history.add(definitions.current)
+    scan_stats: dict[str, float] = {}
 
     def adopt(new: list[Segment]) -> None:
         definitions.replace(new)
+        history.add(definitions.current)
         rescan.update(indexed)  # the next tick checks every profile again
         log.info("segment definitions now: %s (set %s)", ", ".join(s.id for s in new), definitions.fingerprint)
 
@@ -717,19 +748,30 @@ def create_app(settings: Settings, segments: Sequence[Segment], *, live_definiti
         async with state_lock:
             for partition in indexed - assigned:
                 timers.drop(partition)
-                scan_queue.pop(partition, None)
+                scan_from.pop(partition, None)
             for partition in assigned:
                 if partition not in indexed or partition in rescan:
-                    scan_queue[partition] = [k for k, _ in store.items(partition, partitions)]
+                    if not scan_from:
+                        scan_stats.clear()
+                        scan_stats.update(started=time.time(), checked=0, backfilled=0, full=0, written=0, changes=0)
+                    scan_from[partition] = None
                     rescan.discard(partition)
             indexed.clear()
             indexed.update(assigned)
             await _fire_all(assigned)
-        while any(scan_queue.values()):
+        while scan_from:
             async with state_lock:
                 await _scan_some(1000)
                 await _fire_all(indexed)
             await asyncio.sleep(0)  # let the agents in between chunks
+        if scan_stats.get("checked"):
+            st = scan_stats
+            # benchmarks/bench_backfill.py reads this line ("finished at" is the epoch time)
+            log.info("profiles checked against definition set %s: %d in %.1f s (%d brought up to date by the "
+                     "changed segments, %d in full, %d written, %d changes); finished at %.3f",
+                     definitions.fingerprint, st["checked"], time.time() - st["started"], st["backfilled"],
+                     st["full"], st["written"], st["changes"], time.time())
+            scan_stats.clear()
 
     async def _fire_all(assigned: set[int]) -> None:
         sends: list[Any] = []
@@ -740,31 +782,42 @@ def create_app(settings: Settings, segments: Sequence[Segment], *, live_definiti
         await deliver(sends, writes)
 
     async def _scan_some(budget: int) -> None:
-        """Re-evaluate profiles evaluated under another definition set (cause ``definition_changed``:
-        a new segment covers every existing profile, a removed one exits its members) and put every
-        profile in the timer index."""
+        """Check up to ``budget`` profiles of the partitions in ``scan_from``: put each in the timer
+        index, and bring those evaluated under another definition set up to this one (cause
+        ``definition_changed``: a new segment covers every existing profile, a removed one exits its
+        members). Only what changed for a profile is sent and written (``backfill``)."""
         sends: list[Any] = []
         writes: list[Write] = []
-        for partition, keys in scan_queue.items():
-            while keys and budget > 0:
-                budget -= 1
-                key = keys.pop()
-                state = _decode_state(store.get(key, partition))
+        fingerprint = definitions.fingerprint
+        for partition in list(scan_from):
+            if budget <= 0:
+                break
+            chunk = store.scan(partition, partitions, scan_from[partition], budget)
+            budget -= len(chunk)
+            if budget > 0:  # fewer than asked: the partition's end
+                del scan_from[partition]
+            else:
+                scan_from[partition] = chunk[-1][0]
+            now_ms = clock.now_ms(partition)
+            for key, value in chunk:
+                state = _decode_state(value)
                 if state is None:
                     continue
-                if state.definitions != definitions.fingerprint:
-                    now_ms = max(clock.now_ms(partition), state.updated_at) if clock.mode == "event" \
-                        else clock.now_ms(partition)
-                    await emit(key, advance(state, now_ms, definitions.current, config), sends)
-                    await emit(key, reevaluate(state, now_ms, definitions.current, config,
-                                               cause="definition_changed"), sends)
-                    state.definitions = definitions.fingerprint
-                    schedule(state, now_ms, definitions.current, config)
+                scan_stats["checked"] = scan_stats.get("checked", 0) + 1
+                if state.definitions == fingerprint:
+                    timers.put(partition, key, state.next_check_at)
+                    continue
+                at = max(now_ms, state.updated_at) if clock.mode == "event" else now_ms
+                change = history.change(state.definitions, fingerprint)
+                done = backfill(state, at, definitions.current, fingerprint, change, config)
+                scan_stats["full" if done.full else "backfilled"] += 1
+                if done.write:
+                    scan_stats["written"] += 1
                     writes.append((store, key, partition, _encode_state(state)))
-                timers.put(partition, key, state.next_check_at)
-            if keys:
-                log.info("checking profiles of partition %s against the segment definitions: %s left",
-                         partition, len(keys))
+                if done.result.changes or done.result.row is not None:
+                    scan_stats["changes"] += len(done.result.changes)
+                    await emit(key, done.result, sends)
+                timers.put(partition, key, done.due)
         await deliver(sends, writes)
 
     sink_markers = Completion()

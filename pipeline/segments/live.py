@@ -24,7 +24,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pipeline.errors import DefinitionError
+from pipeline.processor import Config, StepResult, advance, reevaluate, schedule, to_datetime
+from pipeline.profile import ProfileState, columns
+from pipeline.segments.deadlines import next_check_at
 from pipeline.segments.definitions import Segment, parse_segments
+from pipeline.segments.membership import diff, evaluate
 
 MANIFEST_KEY = "__manifest__"
 SENTINEL_PREFIX = "__sentinel__"
@@ -157,3 +161,132 @@ def publish_definitions(bootstrap: Sequence[str], topic: str, segments: Sequence
     changed = sorted(k for k in set(after) & set(before) if after[k] != before[k])
     removed = sorted(set(before) - set(after))
     return added, changed, removed
+
+
+# Columns that evaluation itself writes: a segment reading one may change whenever another
+# segment's membership does, so a backfill always evaluates it again.
+SELF_COLUMNS = frozenset({"segments", "version", "updated_at"})
+
+
+@dataclass(frozen=True)
+class SetChange:
+    """What a profile evaluated under an older set needs to be exact under the set in force."""
+
+    evaluate: list[Segment]  # added or edited (or reading SELF_COLUMNS): evaluated afresh
+    ids: frozenset[str]  # their ids
+    defined: frozenset[str]  # every id of the set in force (a member of any other id exits)
+    removed: frozenset[str]  # ids of the older set that are gone or edited
+
+    @property
+    def additions_only(self) -> bool:
+        return not self.removed
+
+
+def set_change(old: Sequence[Segment], new: Sequence[Segment]) -> SetChange:
+    """From ``old`` to ``new``: the segments to evaluate again; the others (same id, same
+    definition) keep their memberships and their next time-driven check."""
+    before = {s.id: definition_fingerprint(definition_record(s)) for s in old}
+    chosen = [s for s in new if before.get(s.id) != definition_fingerprint(definition_record(s))
+              or s.predicate.columns & SELF_COLUMNS]
+    now = {s.id: definition_fingerprint(definition_record(s)) for s in new}
+    removed = frozenset(sid for sid, fp in before.items() if now.get(sid) != fp)
+    return SetChange(chosen, frozenset(s.id for s in chosen), frozenset(now), removed)
+
+
+class SetHistory:
+    """The definition sets this worker had in force, by fingerprint (the latest ``limit``): a
+    profile left under an older set (nothing changed for it, so nothing was written) is brought up
+    to date by evaluating only what changed since. A set not kept here means a full evaluation."""
+
+    def __init__(self, limit: int = 16) -> None:
+        self.limit = limit
+        self._sets: dict[str, list[Segment]] = {}
+        self._changes: dict[tuple[str, str], SetChange] = {}
+
+    def add(self, segments: Sequence[Segment]) -> str:
+        fingerprint = set_fingerprint(segments)
+        self._sets.pop(fingerprint, None)
+        self._sets[fingerprint] = list(segments)  # latest last
+        while len(self._sets) > self.limit:
+            del self._sets[next(iter(self._sets))]
+        return fingerprint
+
+    def __contains__(self, fingerprint: object) -> bool:
+        return fingerprint in self._sets
+
+    def change(self, old: str | None, new: str) -> SetChange | None:
+        """What changed from set ``old`` to set ``new`` (None: either is unknown). Cached, so the
+        segments to evaluate are one list object per pair (the deadline planner caches per list)."""
+        if old is None or old not in self._sets or new not in self._sets:
+            return None
+        cached = self._changes.get((old, new))
+        if cached is None:
+            if len(self._changes) > 4 * self.limit:
+                self._changes.clear()
+            cached = self._changes[(old, new)] = set_change(self._sets[old], self._sets[new])
+        return cached
+
+
+@dataclass
+class Backfill:
+    result: StepResult  # the changes (cause definition_changed, or time) and the profile row if it changed
+    write: bool  # the memberships moved (or a full evaluation ran): write the profile back
+    due: int | None  # the next time-driven check, for the timer index (may be before the stored one)
+    full: bool = False  # every segment was evaluated (the older set unknown, or a check was due)
+
+
+def backfill(state: ProfileState, now_ms: int, segments: Sequence[Segment], fingerprint: str,
+             change: SetChange | None, config: Config) -> Backfill:
+    """Bring a profile evaluated under another definition set up to ``segments`` (fingerprint
+    ``fingerprint``) at ``now_ms``: the same memberships as a full evaluation.
+
+    With ``change`` (the older set is known) and no time-driven check due by ``now_ms``, the
+    memberships of the unchanged segments are exact as they are (constant until the stored next
+    check), so only the added and edited segments are evaluated and members of removed ones exit.
+    The next check is the earlier of the stored one (still sound: it bounds the unchanged
+    segments; a removed one can only make it early) and the new segments'.
+
+    When no membership moved, the profile is left as stored, still marked with the older set: no
+    write, no changelog message, no output (what most profiles need for a selective new segment).
+    Its next check may then be earlier than the stored one (a new segment's): the caller keeps it
+    in the timer index, and the timer re-evaluates such a profile in full at that instant
+    (pipeline.app fire_timers); a restart scans it again and finds the same.
+
+    Otherwise (older set unknown, or a check due) the full path: time's transitions, then every
+    segment again, the next check from scratch, and a write."""
+    due = state.next_check_at
+    if change is None or (due is not None and due <= now_ms):
+        first = advance(state, now_ms, segments, config)
+        second = reevaluate(state, now_ms, segments, config, cause="definition_changed")
+        state.definitions = fingerprint
+        schedule(state, now_ms, segments, config)
+        row = second.row if second.row is not None else first.row
+        return Backfill(StepResult(state, first.changes + second.changes, row), True, state.next_check_at, full=True)
+    row = columns(state, now_ms, half_life_days=config.half_life_days)
+    at = to_datetime(now_ms)
+    members = evaluate(row, change.evaluate, at)
+    members |= {sid for sid in state.segments if sid not in change.ids and sid in change.defined}
+    changes = []
+    if members != set(state.segments):
+        state.version += 1
+        state.updated_at = now_ms
+        changes = diff(state.segments, members, customer_id=state.customer_id, at=now_ms, version=state.version,
+                       cause="definition_changed")
+        for c in changes:
+            if c.change == "entered":
+                state.segments[c.segment_id] = now_ms
+            else:
+                state.segments.pop(c.segment_id, None)
+        row["version"] = state.version
+        row["updated_at"] = at
+        row["segments"] = sorted(state.segments)
+    fresh = next_check_at(state, change.evaluate, now_ms, half_life_days=config.half_life_days,
+                          sweep_ms=config.sweep_ms, row=row)
+    if fresh is not None and fresh <= now_ms:
+        fresh = now_ms + 1  # schedule()'s contract: strictly later
+    nxt = fresh if due is None else due if fresh is None else min(due, fresh)
+    if not changes:
+        return Backfill(StepResult(state), False, nxt)
+    state.next_check_at = nxt
+    state.definitions = fingerprint
+    return Backfill(StepResult(state, changes, row), True, nxt)

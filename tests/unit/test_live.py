@@ -1,3 +1,4 @@
+import functools
 import json
 
 import pytest
@@ -55,3 +56,135 @@ def test_bad_definitions_on_the_topic_are_refused_with_a_position():
 def test_an_empty_set_is_refused():
     with pytest.raises(DefinitionError, match="empty"):
         apply_records([], ["a"])
+
+
+# The backfill fast path (pipeline.segments.live.backfill) against a full evaluation, on profiles
+# folded from generated traffic under the built-in set.
+
+BASE_EXTRA = """
+  - id: recent_books
+    where: category_affinity['books'] >= 0.2 AND dateDiff('day', last_seen_at, now()) <= 20
+  - id: month_buyers
+    where: orders_30d >= 1
+"""
+ADDED = """
+  - id: new_lapsing
+    where: orders_count >= 1 AND dateDiff('day', last_purchase_at, now()) BETWEEN 10 AND 40
+  - id: new_cooks
+    where: category_affinity['cookware'] >= 0.1
+  - id: new_everyone
+    where: events_count >= 0
+  - id: new_versioned
+    where: version >= 5  # reads what evaluation writes: evaluated again on every backfill
+"""
+
+
+def _sets():
+    from pipeline.segments.definitions import load_segments
+
+    base = [*load_segments(None), *parse_segments("segments:" + BASE_EXTRA)]
+    added = [*base, *parse_segments("segments:" + ADDED)]
+    edited = [s for s in added if s.id != "recent_books"] + parse_segments(
+        "segments:\n  - id: recent_books\n    where: category_affinity['books'] >= 0.05\n")
+    removed = [s for s in added if s.id not in ("month_buyers", "new_cooks")]
+    selective = [*base, *(s for s in added if s.id in ("new_lapsing", "new_cooks"))]
+    return base, {"added": added, "selective": selective, "edited": edited, "removed": removed}
+
+
+@functools.lru_cache(maxsize=1)
+def _profiles(customers=120, events=4000):
+    """Profiles as the worker keeps them under the base set (built once: the folding is the slow part)."""
+    from pipeline.decode import decode
+    from pipeline.events import DeadLetter
+    from pipeline.generate import traffic
+    from pipeline.identity import routing_key
+    from pipeline.processor import advance, schedule, step
+    from pipeline.profile import DAY_MS
+
+    segments, _ = _sets()
+    now = 1_780_000_000_000
+    start = now - 120 * DAY_MS
+    states = {}
+    for message in traffic(customers=customers, seed=3, start_ms=start, step_ms=120 * DAY_MS // events,
+                           extended=True):
+        event = decode(message.topic, message.value, now_ms=now)
+        if isinstance(event, DeadLetter):
+            continue
+        key = routing_key(customer_id=event.customer_id, loyalty_id=event.loyalty_id, email_hash=event.email_hash,
+                          anonymous_id=event.anonymous_id)
+        if not key:
+            continue
+        state = states.get(key)
+        if state is not None:  # as the worker: what time changed first, then the event, then the next check
+            advance(state, event.occurred_at, segments)
+        states[key] = step(state, key, event, event.occurred_at, segments).state
+        schedule(states[key], event.occurred_at, segments)
+        if event.occurred_at >= now - 60_000:
+            break
+    return tuple(states.values()), now
+
+
+@pytest.mark.parametrize("kind", ["added", "selective", "edited", "removed"])
+def test_a_backfill_gives_the_memberships_of_a_full_evaluation(kind):
+    from pipeline.processor import Config, advance, reevaluate, schedule
+    from pipeline.profile import DAY_MS, ProfileState
+    from pipeline.segments.deadlines import next_check_at
+    from pipeline.segments.live import SetHistory, backfill
+
+    base, sets = _sets()
+    new = sets[kind]
+    history = SetHistory()
+    old_fp, new_fp = history.add(base), history.add(new)
+    change = history.change(old_fp, new_fp)
+    assert change is not None and change.additions_only == (kind in ("added", "selective"))
+    config = Config()
+    profiles, now = _profiles()
+    assert len(profiles) > 100
+    fast_path = written = checks = 0
+    for template in profiles:
+        template = ProfileState.from_dict({**template.to_dict(), "definitions": old_fp})
+        for at in (now, now + 3 * DAY_MS, now + 25 * DAY_MS):  # a backfill some time after the last event
+            fast = ProfileState.from_dict(template.to_dict())
+            full = ProfileState.from_dict(template.to_dict())
+            fast_path += fast.next_check_at is None or fast.next_check_at > at
+            done = backfill(fast, at, new, new_fp, change, config)
+            # the reference: what the worker did before, time's transitions then every segment again
+            changes = advance(full, at, new, config).changes
+            changes += reevaluate(full, at, new, config, cause="definition_changed").changes
+            schedule(full, at, new, config)
+            assert fast.segments == full.segments, (kind, template.customer_id, at)
+            assert fast.version == full.version
+            assert [c.to_dict() for c in done.result.changes] == [c.to_dict() for c in changes]
+            assert (done.result.row is not None) == bool(done.result.changes)
+            if not done.write:  # left as stored, under the older set
+                assert fast.to_dict() == template.to_dict() and not done.result.changes
+            else:
+                assert fast.definitions == new_fp and fast.next_check_at == done.due
+            written += done.write
+            checks += 1
+            exact = next_check_at(fast, new, at, half_life_days=config.half_life_days, sweep_ms=config.sweep_ms)
+            if done.due is not None:  # sound: never later than the full schedule
+                assert exact is None or done.due <= exact
+            else:
+                assert exact is None
+            # and stays exact as time passes: both follow their own next checks for 60 days (the
+            # fast one from the timer index's instant, as the worker's timer does)
+            fast.next_check_at = done.due
+            advance(fast, at + 60 * DAY_MS, new, config)
+            advance(full, at + 60 * DAY_MS, new, config)
+            assert fast.segments.keys() == full.segments.keys()
+    assert fast_path > len(profiles)  # most profiles took the fast path
+    if kind == "selective":
+        assert checks - written >= checks // 10  # left as stored: no write, no output
+
+
+def test_an_unknown_older_set_means_a_full_evaluation():
+    from pipeline.segments.live import SetHistory
+
+    history = SetHistory(limit=2)
+    first = history.add(A)
+    history.add(B)
+    history.add(parse_segments("segments:\n  - id: c\n    where: nps >= 1\n"))
+    assert first not in history
+    assert history.change(first, set_fingerprint(B)) is None
+    assert history.change(None, set_fingerprint(B)) is None
