@@ -39,6 +39,7 @@ from pipeline.settings import Settings
 
 AGENT = "pipeline.app.fold_profiles"
 SETTLE_SECONDS = 10.0  # a hang guard only: a batch here takes milliseconds
+ACK_SECONDS = 0.001  # the in-memory broker's acknowledgement comes after the send returned
 
 
 def ms(iso: str) -> int:
@@ -60,17 +61,20 @@ class Sent:
     key: bytes | None
     value: bytes | None
     headers: dict[str, bytes]
+    unacknowledged: frozenset[int]  # indexes of earlier sends not yet acknowledged when this one was made
 
 
 class MemoryProducer(Producer):
-    """faust's producer interface over a list: every send is recorded in order and acknowledged
-    at once, partitioned as Kafka would."""
+    """faust's producer interface over a list: every send is recorded in order, partitioned as
+    Kafka would, and acknowledged a moment later (as a broker does, not within the send): so a
+    record shows which earlier sends the sender had not waited for."""
 
     def __init__(self, transport: Any, partitions: int, **kwargs: Any) -> None:
         super().__init__(transport, **kwargs)
         self.partitions = partitions
         self.sent: list[Sent] = []
         self._offsets: dict[tuple[str, int], int] = {}
+        self._unacknowledged: set[int] = set()
 
     async def send(self, topic: str, key: bytes | None, value: bytes | None, partition: int | None,
                    timestamp: float | None, headers: Any, *, transactional_id: str | None = None) -> Any:
@@ -79,11 +83,20 @@ class MemoryProducer(Producer):
         offset = self._offsets.get((topic, partition), 0)
         self._offsets[(topic, partition)] = offset + 1
         pairs = headers.items() if isinstance(headers, dict) else headers or ()
-        self.sent.append(Sent(topic, partition, key, value, {name: bytes(v) for name, v in pairs}))
-        done = asyncio.get_running_loop().create_future()
-        done.set_result(RecordMetadata(topic=topic, partition=partition, topic_partition=TP(topic, partition),
-                                       offset=offset, timestamp=timestamp, timestamp_type=0))
+        index = len(self.sent)
+        self.sent.append(Sent(topic, partition, key, value, {name: bytes(v) for name, v in pairs},
+                              frozenset(self._unacknowledged)))
+        self._unacknowledged.add(index)
+        loop = asyncio.get_running_loop()
+        done = loop.create_future()
+        metadata = RecordMetadata(topic=topic, partition=partition, topic_partition=TP(topic, partition),
+                                  offset=offset, timestamp=timestamp, timestamp_type=0)
+        loop.call_later(ACK_SECONDS, self._acknowledge, index, done, metadata)
         return done
+
+    def _acknowledge(self, index: int, done: asyncio.Future, metadata: RecordMetadata) -> None:
+        self._unacknowledged.discard(index)
+        done.set_result(metadata)
 
     async def send_and_wait(self, topic: str, key: bytes | None, value: bytes | None, partition: int | None,
                             timestamp: float | None, headers: Any, *,
@@ -145,10 +158,12 @@ class FoldAgent:
     # --- input ------------------------------------------------------------------------------
 
     async def put(self, key: bytes, value: bytes, *, headers: dict[str, bytes] | None = None,
-                  received_ms: int | None = None, settle: bool = True) -> None:
-        """One ``customer-events`` record on the partition Kafka gives its key; with ``settle``,
-        return once the agent has handled every batch put so far."""
-        await self.agent.put(value, key=key, partition=kafka_partition(key, self.settings.partitions),
+                  partition: int | None = None, received_ms: int | None = None, settle: bool = True) -> None:
+        """One ``customer-events`` record, on the partition Kafka gives its key unless told; with
+        ``settle``, return once the agent has handled every batch put so far."""
+        if partition is None:
+            partition = kafka_partition(key, self.settings.partitions)
+        await self.agent.put(value, key=key, partition=partition,
                              timestamp=(received_ms if received_ms is not None else time.time() * 1000) / 1000,
                              headers=list((headers or {}).items()))
         self.put_count += 1
@@ -186,7 +201,7 @@ class FoldAgent:
             record = self.producer.sent[self._looped]
             self._looped += 1
             if record.topic == topic and record.key is not None and record.value is not None:
-                await self.put(record.key, record.value, headers=record.headers)
+                await self.put(record.key, record.value, headers=record.headers, partition=record.partition)
                 fed += 1
         return fed
 
@@ -197,6 +212,10 @@ class FoldAgent:
         control markers left out."""
         topic = self.settings.topic(name)
         return [r for r in self.producer.sent if r.topic == topic and control_kind(r.headers) is None]
+
+    def markers(self, name: str) -> list[Sent]:
+        """The control markers sent to one of the product's topics."""
+        return [r for r in self.producer.sent if r.topic == self.settings.topic(name) and control_kind(r.headers)]
 
     def changes(self) -> list[dict[str, Any]]:
         """The segment changes sent, decoded (erasure tombstones left out)."""

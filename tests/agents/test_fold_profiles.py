@@ -8,8 +8,12 @@ the broker would deliver them.
 
 from __future__ import annotations
 
+import time
+from datetime import UTC, datetime
+
 from pipeline import codecs, profile_encoding
 from pipeline.broker import topics as t
+from pipeline.control import Marker
 from pipeline.linking import HOPS_HEADER, MAX_HOPS, OP_HEADER
 from tests.agents.harness import FoldAgent, agent_settings, ingested, ms, run
 
@@ -55,13 +59,12 @@ def test_a_purchase_enters_segments_sends_the_profile_and_stores_it(settings):
             state = fold.profile("C1")
             assert state is not None
             assert (state.version, sorted(state.segments), state.orders_count) == (1, ["buyers", "recent_buyers"], 1)
-            # one changelog message for the table, holding what the table holds, sent after the
-            # outputs (a crash in between redelivers the event instead of losing its changes)
+            # one changelog message for the table, holding what the table holds, sent only once every
+            # output was acknowledged (a crash in between redelivers the event, never loses its changes)
             [changelog] = fold.changelog("profiles")
             assert changelog.key == b"C1" and profile_encoding.decode(changelog.value) == state
-            sent = fold.producer.sent
-            assert sent.index(changelog) > max(sent.index(r) for r in fold.sent(t.SEGMENT_CHANGES)
-                                               + fold.sent(t.PROFILE_UPDATES))
+            outputs = [i for i, r in enumerate(fold.producer.sent) if r.topic.startswith(settings.topic_prefix)]
+            assert len(outputs) == 4 and not changelog.unacknowledged & set(outputs)
     run(scenario())
 
 
@@ -219,3 +222,51 @@ def test_a_batch_sends_one_profile_update_and_one_changelog_message_per_customer
             assert c1 is not None and (c1.version, c1.lifetime_value) == (2, 620.0)
     run(scenario())
 
+
+
+def test_on_the_wall_clock_an_event_is_evaluated_when_it_entered_the_topic(tmp_path):
+    async def scenario() -> None:
+        async with FoldAgent(agent_settings(tmp_path, clock="wall")) as fold:
+            now = int(time.time() * 1000)
+            occurred, received = now - 3 * DAY_MS, now - 2 * DAY_MS  # handled now, a redelivery say
+            await fold.event("pos", purchase("tx1", _iso(occurred), customer_id="C1"), received_ms=received)
+
+            assert {(c["segment_id"], c["changed_at"]) for c in fold.changes()} == {
+                ("buyers", received), ("recent_buyers", received)}
+            state = fold.profile("C1")
+            assert state is not None and state.updated_at == received and state.last_seen_at == occurred
+    run(scenario())
+
+
+def test_a_replay_marker_leaves_the_profile_stage_after_the_transitions_due_by_its_watermark(tmp_path):
+    async def scenario() -> None:
+        async with FoldAgent(agent_settings(tmp_path, partitions=2)) as fold:
+            await fold.event("pos", purchase("tx1", "2026-03-01T10:00:00Z", customer_id="C1"))
+            # the end marker of a replay read from one input partition, forwarded by ingest to
+            # every customer-events partition (pipeline.control)
+            marker = Marker("run-1", watermark=ms("2026-04-15T10:00:00+00:00"), origins=1, partitions=2,
+                            origin="pos:0")
+            for partition in range(2):
+                await fold.put(b"", marker.encode(), headers=dict(marker.headers()), partition=partition)
+            await fold.loop_back()  # the rounds between profile partitions, until none is busy
+
+            ends = fold.markers(t.SEGMENT_CHANGES)
+            assert sorted(r.partition for r in ends) == [0, 1]
+            assert {Marker.decode(r.value).run_id for r in ends} == {"run-1"}
+            [exit_] = [r for r in fold.sent(t.SEGMENT_CHANGES) if codecs.decode_change(r.value)["change"] == "exited"]
+            change = codecs.decode_change(exit_.value)
+            assert (change["segment_id"], change["cause"], change["changed_at"]) == (
+                "recent_buyers", "time", ms("2026-03-31T10:00:00+00:00"))
+            [end] = [r for r in ends if r.partition == exit_.partition]
+            sent = fold.producer.sent
+            assert sent.index(exit_) < sent.index(end)  # a subscriber sees the exit before the end
+            for topic in (t.PROFILE_UPDATES, t.FOLDED_EVENTS):
+                assert sorted(r.partition for r in fold.markers(topic)) == [0, 1], topic
+    run(scenario())
+
+
+DAY_MS = 86_400_000
+
+
+def _iso(epoch_ms: int) -> str:
+    return datetime.fromtimestamp(epoch_ms / 1000, UTC).isoformat()
