@@ -41,7 +41,6 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 START_TIMEOUT_S = 120.0  # importing and starting chDB takes 1-3 s; a cold, loaded machine much more
-LOCK_WAIT_S = 30.0  # how long a new child waits for an old owner of the data path to let go
 ORPHAN_GRACE_S = 10.0  # a re-parented child finishing a request gets this long before it is ended
 _PROTOCOL = pickle.HIGHEST_PROTOCOL
 _SOURCE_ROOT = str(Path(__file__).resolve().parents[2])  # the directory holding the pipeline package
@@ -63,8 +62,12 @@ class ChdbProcessClient:
     and the next call starts a new child: callers that retry (the worker's writer) recover.
     """
 
-    def __init__(self, options: dict[str, Any]) -> None:
-        self.options = dict(options)  # clickhouse_connect.get_client(**options) in the child
+    def __init__(self, options: dict[str, Any], *, lock_wait_s: float = 0.0) -> None:
+        """``options``: clickhouse_connect.get_client's arguments (``dsn``, ...), used in the child.
+        ``lock_wait_s``: how long the child retries while another process holds the data path
+        (0: fail at once, as an in-process engine would)."""
+        self.options = dict(options)
+        self.lock_wait_s = lock_wait_s
         self.dsn = str(options.get("dsn", ""))
         self._lock = threading.Lock()
         self._conn: Connection | None = None
@@ -133,7 +136,7 @@ class ChdbProcessClient:
             child.close()  # only the child holds its end: its death reads as end of file here
         conn = Connection(parent.detach())
         try:
-            conn.send_bytes(pickle.dumps(self.options, protocol=_PROTOCOL))
+            conn.send_bytes(pickle.dumps((self.options, self.lock_wait_s), protocol=_PROTOCOL))
             if not conn.poll(START_TIMEOUT_S):
                 raise _child_lost(f"no answer within {START_TIMEOUT_S:.0f} s of its start")
             ok, value = pickle.loads(conn.recv_bytes())
@@ -225,8 +228,8 @@ def serve(conn: Connection, parent_pid: int) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     threading.Thread(target=_watch_parent, args=(parent_pid,), daemon=True, name="parent-watch").start()
     try:
-        options = pickle.loads(conn.recv_bytes())
-        client = _open(options)
+        options, lock_wait_s = pickle.loads(conn.recv_bytes())
+        client = _open(options, lock_wait_s)
     except (EOFError, OSError):
         return  # the parent is gone already
     except Exception as exc:  # noqa: BLE001 - reported to the parent, which raises it
@@ -254,20 +257,44 @@ def serve(conn: Connection, parent_pid: int) -> None:
             client.close()
 
 
-def _open(options: dict[str, Any]) -> Any:
-    """The chDB client; waits while another process still holds the data path (a worker killed
-    and restarted at once: its old child is finishing the request in hand before it sees the
-    end of file)."""
+def _open(options: dict[str, Any], lock_wait_s: float) -> Any:
+    """The chDB client; waits up to ``lock_wait_s`` while another process still holds the data
+    path (a worker killed and restarted at once: its old child finishes the request in hand
+    before it sees the end of file). chDB's error then names no cause (BAD_ARGUMENTS; the lock
+    is only printed on stderr), so the lock is tested here, on the file ClickHouse locks."""
     import clickhouse_connect
 
-    deadline = time.monotonic() + LOCK_WAIT_S
+    status = Path(str(options.get("dsn", ""))[len("chdb://"):].split("?")[0]) / "status"
+    deadline = time.monotonic() + lock_wait_s
     while True:
+        if time.monotonic() < deadline and _locked(status):
+            time.sleep(0.2)
+            continue
         try:
             return clickhouse_connect.get_client(**options)
-        except Exception as exc:
-            if "Cannot lock file" not in str(exc) or time.monotonic() > deadline:
+        except Exception:
+            if time.monotonic() >= deadline or not _locked(status):
                 raise
             time.sleep(0.2)
+
+
+def _locked(status: Path) -> bool:
+    """Whether another process holds ClickHouse's lock on ``status`` (an flock)."""
+    import fcntl
+
+    try:
+        fd = os.open(status, os.O_RDWR)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    else:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return False
+    finally:
+        os.close(fd)
 
 
 def _handle(client: Any, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:

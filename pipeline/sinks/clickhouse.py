@@ -25,15 +25,18 @@ log = logging.getLogger(__name__)
 _clients: dict[str, Any] = {}
 _clients_lock = threading.Lock()
 UNAVAILABLE_SUFFIX = ".unavailable"  # test hook, see ClickHouseWriter._check_available
+LOCK_WAIT_S = 30.0  # the writer's chDB child waits this long for a killed worker's child to let go
 
 
-def connect(dsn: str, *, database: str | None = None, process: bool | None = None) -> Any:
+def connect(dsn: str, *, database: str | None = None, process: bool | None = None, lock_wait_s: float = 0.0) -> Any:
     """A clickhouse-connect client for a chdb:// or http(s):// DSN (chDB clients are shared:
     a data directory can be held by one client per process).
 
     A chdb:// engine runs in a child process behind a proxy client (pipeline/sinks/chdb_process.py)
     unless ``process`` is false (default: PIPELINE_CLICKHOUSE_PROCESS): the process that calls
-    this still holds the data path, through its child, as far as any other process can tell."""
+    this still holds the data path, through its child, as far as any other process can tell.
+    ``lock_wait_s``: how long that child waits for another process to let go of the data path
+    (the writer's: a worker restarted right after a SIGKILL, while its old child finishes)."""
     import clickhouse_connect
 
     try:
@@ -49,7 +52,7 @@ def connect(dsn: str, *, database: str | None = None, process: bool | None = Non
                     if process:
                         from pipeline.sinks.chdb_process import ChdbProcessClient
 
-                        client = ChdbProcessClient(options)
+                        client = ChdbProcessClient(options, lock_wait_s=lock_wait_s)
                     else:
                         client = clickhouse_connect.get_client(**options)
                     _clients[dsn] = client
@@ -323,7 +326,7 @@ class ClickHouseWriter:
     @property
     def client(self) -> Any:
         if self._client is None:
-            self._client = connect(self.dsn, database=self.database)
+            self._client = connect(self.dsn, database=self.database, lock_wait_s=LOCK_WAIT_S)
             if self.cluster is not None:
                 # a Distributed insert is acknowledged before the shards have the rows unless in the
                 # foreground: offsets would be committed for rows still queued on one node

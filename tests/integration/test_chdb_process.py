@@ -18,7 +18,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
-from clickhouse_connect.driver.exceptions import DatabaseError, OperationalError
+from clickhouse_connect.driver.exceptions import DatabaseError, OperationalError, ProgrammingError
 
 from pipeline.sinks.chdb_process import ChdbProcessClient
 from pipeline.sinks.clickhouse import ClickHouseWriter, connect, migrate
@@ -125,8 +125,10 @@ def test_a_new_child_waits_for_the_old_owner_of_the_path(tmp_path: Path):
     """A worker killed and restarted at once: its old child may still hold the data path."""
     options = {"dsn": f"chdb://{tmp_path / 'ch'}"}
     old = ChdbProcessClient(options)
+    with pytest.raises(ProgrammingError, match="Unable to open the chdb engine"):  # no wait by default
+        ChdbProcessClient(options)
     started: list[ChdbProcessClient] = []
-    opener = threading.Thread(target=lambda: started.append(ChdbProcessClient(options)))
+    opener = threading.Thread(target=lambda: started.append(ChdbProcessClient(options, lock_wait_s=WAIT_S)))
     opener.start()
     time.sleep(2.0)  # let the new child find the path locked (not a timing assertion)
     old.close()
