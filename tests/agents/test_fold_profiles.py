@@ -149,6 +149,22 @@ def test_an_identify_links_the_anonymous_profile_and_merges_it(settings):
     run(scenario())
 
 
+def test_a_shared_identifier_never_merges_two_crm_customers(settings):
+    async def scenario() -> None:
+        async with FoldAgent(settings) as fold:
+            for event_id, customer in (("i1", "C1"), ("i2", "C2")):
+                await fold.event("crm", {"event_id": event_id, "occurred_at": "2026-03-02T10:00:00Z",
+                                         "type": "identify", "customer_id": customer, "anonymous_id": "D"})
+            assert await fold.loop_back() == 2  # the two links; the second is refused, nothing follows
+
+            alias = fold.alias("anon:D")
+            assert alias is not None and alias.to == "C1"
+            assert [fold.profile(c) is not None for c in ("C1", "C2")] == [True, True]
+            assert [r.headers[OP_HEADER] for r in fold.sent(t.CUSTOMER_EVENTS)] == [b"link", b"link"]
+            assert not any(c["cause"] == "merge" for c in fold.changes())
+    run(scenario())
+
+
 def test_an_identity_chain_past_the_hop_limit_is_dead_lettered(settings):
     async def scenario() -> None:
         async with FoldAgent(settings) as fold:
