@@ -1,7 +1,8 @@
 """Live segment definitions on a running worker (issue 5 item 5): `pipeline segments apply`
 publishes to the compacted topic; the worker re-evaluates every profile with no restart (cause
 `definition_changed`): a new segment covers existing profiles, an edited one is re-evaluated, a
-removed one exits its members; a restarted worker emits nothing spurious."""
+removed one exits its members; a profile the new set changes nothing for is left as stored and still
+enters a time-driven new segment at its instant; a restarted worker emits nothing spurious."""
 
 import json
 import subprocess
@@ -32,6 +33,11 @@ REMOVED = """segments:
     where: orders_count >= 1
   - id: big
     where: lifetime_value > 40
+"""
+# A segment entered by time alone: a profile that is not a member when the set is applied is left
+# as stored (nothing changed for it, nothing written) and must still enter when its instant comes.
+IDLE = REMOVED + """  - id: idle
+    where: dateDiff('second', last_seen_at, now()) >= 30
 """
 
 
@@ -77,12 +83,23 @@ def test_apply_without_restart(broker, unique, tmp_path):
         said = apply(tmp_path, env, REMOVED, "removed")
         assert "removed: small" in said
         assert collect(consumer, worker, tmp_path, 1) == [("c1", "small", "exited", "definition_changed")]
+
+        purchase(prefix, producer, "c4", 20.0)
+        assert collect(consumer, worker, tmp_path, 1) == [("c4", "buyers", "entered", "t-c4")]
+        said = apply(tmp_path, env, IDLE, "idle")
+        assert "added: idle" in said
+        # c4 (and whoever was active less than 30 s before the backfill) enters by time, at its instant,
+        # the others when the set is applied: each exactly once
+        idle = collect(consumer, worker, tmp_path, 3)
+        assert sorted(c[:3] for c in idle) == [("c1", "idle", "entered"), ("c2", "idle", "entered"),
+                                               ("c4", "idle", "entered")], idle
+        assert {c[3] for c in idle} <= {"definition_changed", "time"}, idle
         consumer.close()
     # A restarted worker reads the applied set from the topic, not its file: nothing moves.
     with running_worker(broker, tmp_path, unique, INITIAL) as (worker, env, prefix):
         consumer = topic_consumer(broker, f"{prefix}segment-changes")  # from the start: end offsets are unreliable
         purchase(prefix, producer, "c3", 45.0)
-        changes = collect(consumer, worker, tmp_path, 6 + 2)[6:]  # the six changes above come first
+        changes = collect(consumer, worker, tmp_path, 10 + 2)[10:]  # the ten changes above come first
         assert sorted(changes) == [
             ("c3", "big", "entered", "t-c3"), ("c3", "buyers", "entered", "t-c3")]  # big is the applied > 40
         time.sleep(3)  # a spurious re-evaluation at start would have shown by now (ticks every 0.5 s)
