@@ -64,9 +64,9 @@ def _proc_kib(path: str, names: tuple[str, ...]) -> dict[str, int]:
     return out
 
 
-def process_memory() -> dict[str, float]:
+def process_memory(pid: int | str = "self") -> dict[str, float]:
     """Resident memory in MiB: total, anonymous (heap, arenas, mmaps) and file-backed (code)."""
-    status = _proc_kib("/proc/self/status", ("VmRSS", "RssAnon", "RssFile", "RssShmem", "VmHWM"))
+    status = _proc_kib(f"/proc/{pid}/status", ("VmRSS", "RssAnon", "RssFile", "RssShmem", "VmHWM"))
     return {f"{k}_mib": round(v / 1024, 1) for k, v in status.items()}
 
 
@@ -200,6 +200,10 @@ def chdb_memory() -> dict[str, Any]:
     client = clients[0]
     names = ", ".join(f"'{m}'" for m in CHDB_METRICS)
     out: dict[str, Any] = {}
+    # chDB in a child process of its own (pipeline/sinks/chdb_process.py): its memory, by mapping
+    child = getattr(client, "pid", None)
+    if isinstance(child, int):
+        out["process"] = {"pid": child, **process_memory(child), **anonymous_mappings(child)}
     try:
         out.update(jemalloc_summary(client))
         out.update({k: int(v) for k, v in client.query(
