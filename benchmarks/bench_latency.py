@@ -47,7 +47,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from benchlib import send_end_markers
+from benchlib import cpu_seconds, send_end_markers
 
 from pipeline.broker import topics as t
 from pipeline.broker.embedded import EmbeddedBroker, free_port
@@ -68,6 +68,49 @@ SEGMENTS = f"""segments:
   - id: recent_10s
     where: page_views_count >= 1 AND last_seen_at > now() - INTERVAL {EXIT_AFTER_S} SECOND
 """
+
+
+def loadavg() -> float:
+    with open("/proc/loadavg") as handle:
+        return float(handle.read().split()[0])
+
+
+def children(pid: int) -> list[int]:
+    """Direct child processes of ``pid`` (the worker's chDB process)."""
+    out = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            out += [int(c) for c in (task / "children").read_text().split()]
+        except OSError:
+            continue
+    return out
+
+
+# Counters read from the worker's /metrics around each phase: batches and their sizes per stage.
+SCRAPED = ("pipeline_evaluation_seconds_count", "pipeline_evaluation_seconds_sum", "pipeline_sink_batch_rows_count",
+           "pipeline_sink_batch_rows_sum", "pipeline_sink_batch_seconds_sum", "pipeline_events_in_total",
+           "pipeline_stage_batches_total", "pipeline_stage_records_total")
+
+
+def scrape(port: int) -> dict[str, float]:
+    """Sums of the SCRAPED series (over their labels) from GET /metrics."""
+    totals: dict[str, float] = {}
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+            text = response.read().decode()
+    except OSError:
+        return totals
+    for line in text.splitlines():
+        if line.startswith("#") or " " not in line:
+            continue
+        name, value = line.rsplit(" ", 1)
+        base = name.split("{", 1)[0]
+        if base in SCRAPED:
+            label = name[len(base):]
+            stage = label.split('stage="', 1)[1].split('"', 1)[0] if 'stage="' in label else ""
+            key = f"{base}:{stage}" if stage else base
+            totals[key] = totals.get(key, 0.0) + float(value)
+    return totals
 
 
 def percentiles(values: list[float]) -> dict[str, Any]:
@@ -100,11 +143,13 @@ def kind_of(index: int) -> str:
 class ChangeReader(threading.Thread):
     """Receives segment changes as they come; remembers each one's arrival time."""
 
-    def __init__(self, bootstrap: str, topic: str, partitions: int) -> None:
+    def __init__(self, bootstrap: str, topic: str, partitions: int, wait_ms: int) -> None:
         super().__init__(daemon=True)
         from kafka import KafkaConsumer, TopicPartition
 
-        self.consumer = KafkaConsumer(bootstrap_servers=bootstrap, fetch_max_wait_ms=5, consumer_timeout_ms=100)
+        # The embedded broker answers a fetch when its wait expires: the wait is the reader's resolution
+        # (adds 0..wait ms to every figure) and its polling cost on the shared cores.
+        self.consumer = KafkaConsumer(bootstrap_servers=bootstrap, fetch_max_wait_ms=wait_ms, consumer_timeout_ms=100)
         parts = [TopicPartition(topic, p) for p in range(partitions)]
         self.consumer.assign(parts)
         self.consumer.seek_to_end()
@@ -210,10 +255,63 @@ class Bench:
             stop_process(self.worker, timeout=30)
         self.broker.stop()
 
+    def snapshot(self) -> dict[str, Any]:
+        """CPU seconds of the worker, its chDB child and the broker; the load average; the worker's counters."""
+        assert self.worker is not None and self.broker.process is not None
+        kids = children(self.worker.pid)
+        return {"at": time.time(), "load": loadavg(), "worker_cpu": cpu_seconds(self.worker.pid),
+                "child_cpu": sum(cpu_seconds(k) for k in kids), "broker_cpu": cpu_seconds(self.broker.process.pid),
+                "bench_cpu": cpu_seconds(),  # this process: the producer, the change reader, the cohort poller
+                "metrics": scrape(self.port)}
+
+    @staticmethod
+    def usage(before: dict[str, Any], after: dict[str, Any], events: int) -> dict[str, Any]:
+        """What a phase cost: CPU per second and per event, batches and their sizes per stage."""
+        wall = after["at"] - before["at"]
+        m0, m1 = before["metrics"], after["metrics"]
+
+        def delta(name: str) -> float:
+            return m1.get(name, 0.0) - m0.get(name, 0.0)
+
+        out: dict[str, Any] = {"wall_s": round(wall, 1), "load_start": before["load"], "load_end": after["load"]}
+        for part in ("worker_cpu", "child_cpu", "broker_cpu", "bench_cpu"):
+            used = after[part] - before[part]
+            out[part] = {"s": round(used, 2), "per_wall_s": round(used / wall, 3),
+                         "ms_per_event": round(1000 * used / events, 3) if events else None}
+        profile_batches = delta("pipeline_evaluation_seconds_count")
+        sink_batches = delta("pipeline_sink_batch_rows_count")
+        out["profile_batches"] = {"n": int(profile_batches), "per_s": round(profile_batches / wall, 1),
+                                  "events_per_batch": round(events / profile_batches, 1) if profile_batches else None,
+                                  "evaluation_ms_per_batch": round(1000 * delta("pipeline_evaluation_seconds_sum")
+                                                                   / profile_batches, 2) if profile_batches else None}
+        out["sink_batches"] = {"n": int(sink_batches), "per_s": round(sink_batches / wall, 2),
+                               "rows_per_batch": round(delta("pipeline_sink_batch_rows_sum") / sink_batches, 1)
+                               if sink_batches else None,
+                               "insert_ms_per_batch": round(1000 * delta("pipeline_sink_batch_seconds_sum")
+                                                            / sink_batches, 1) if sink_batches else None}
+        for stage in ("ingest", "clickhouse"):
+            batches = delta(f"pipeline_stage_batches_total:{stage}")
+            if batches:
+                out[f"{stage}_stage"] = {"batches": int(batches), "per_s": round(batches / wall, 1),
+                                         "records_per_batch": round(delta(f"pipeline_stage_records_total:{stage}")
+                                                                    / batches, 1)}
+        return out
+
+    def idle(self, seconds: float) -> dict[str, Any]:
+        """The worker's cost with no input at all: what it spends on polling and timers."""
+        print(f"[{time.strftime('%H:%M:%S')}] idle for {seconds:.0f} s", flush=True)
+        before = self.snapshot()
+        time.sleep(seconds)
+        return self.usage(before, self.snapshot(), 0)
+
     def producer(self) -> Any:
         from kafka import KafkaProducer
 
-        return KafkaProducer(bootstrap_servers=self.broker.bootstrap, linger_ms=0, acks="all")
+        # linger 0 sends nearly every event in a request of its own at these rates: on this machine
+        # the broker's and this process's cost per request competes with the worker for the two cores
+        # (--producer-linger-ms 5, Kafka 4's default, packs a few ms of events per request).
+        return KafkaProducer(bootstrap_servers=self.broker.bootstrap, linger_ms=self.args.producer_linger_ms,
+                             acks="all")
 
     def send(self, producer: Any, phase: str) -> tuple[str, str]:
         self.counter += 1
@@ -227,16 +325,21 @@ class Bench:
     def steady(self, rate: float, phase: str) -> dict[str, Any]:
         args = self.args
         print(f"[{time.strftime('%H:%M:%S')}] {phase}: {rate:.0f} events/s for {args.seconds} s", flush=True)
-        reader = ChangeReader(self.broker.bootstrap, f"{PREFIX}{t.SEGMENT_CHANGES}", args.partitions)
+        reader = ChangeReader(self.broker.bootstrap, f"{PREFIX}{t.SEGMENT_CHANGES}", args.partitions,
+                              args.reader_wait_ms)
         poller = CohortPoller(self.port, args.poll_ms / 1000)
         reader.start()
         poller.start()
         producer = self.producer()
         sent: dict[str, tuple[str, float]] = {}
+        before = self.snapshot()
         started = time.time()
         count = 0
+        spy = None
         try:
             while (now := time.time()) < started + args.seconds:
+                if spy is None and args.py_spy and now > started + args.seconds / 2 - args.py_spy / 2:
+                    spy = self.py_spy(phase, rate)
                 for _ in range(int((now - started) * rate) - count):
                     send_at = time.time()
                     customer, kind = self.send(producer, phase)
@@ -244,8 +347,11 @@ class Bench:
                     count += 1
                 time.sleep(0.002)
             producer.flush()
+            usage = self.usage(before, self.snapshot(), count)  # the sending window only
             time.sleep(EXIT_AFTER_S + 4)  # the last exits, the last sink batches
         finally:
+            if spy is not None:
+                spy.wait(timeout=args.py_spy + 60)
             producer.close()
             reader.halt.set()
             poller.halt.set()
@@ -271,11 +377,31 @@ class Bench:
                 else:
                     missing["exit"] += 1
         achieved = count / args.seconds
+        # Kept up? A worker that keeps up has the same latency at the end of the phase as at its start;
+        # one that falls behind has a queue, and the latency grows through the phase.
+        quarter = args.seconds / 4
+        first = [1000 * (reader.entered[c] - at) for c, (_, at) in sent.items()
+                 if c in reader.entered and at < started + quarter]
+        last = [1000 * (reader.entered[c] - at) for c, (_, at) in sent.items()
+                if c in reader.entered and at >= started + args.seconds - quarter]
         return {"rate": rate, "achieved_rate": round(achieved, 1), "seconds": args.seconds, "events": count,
+                "usage": usage,
+                "event_to_change_first_quarter_ms": percentiles(first),
+                "event_to_change_last_quarter_ms": percentiles(last),
                 "event_to_change_ms": percentiles(change_ms), "event_to_clickhouse_ms": percentiles(ch_ms),
                 "exit_after_deadline_ms": percentiles(exit_ms),
                 "deadline_minus_occurred_plus_10s_ms": percentiles(deadline_err),
                 "cohort_polls": poller.polls, "poll_ms": args.poll_ms, "missing": missing}
+
+    def py_spy(self, phase: str, rate: float) -> subprocess.Popen[bytes]:
+        """py-spy (raw folded stacks, 100 Hz, on-CPU samples only) on the worker for --py-spy seconds."""
+        assert self.worker is not None
+        out = self.args.out.with_name(f"{self.args.out.stem}-{phase}-{rate:.0f}.pyspy.txt")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        return subprocess.Popen([str(Path(sys.executable).parent / "py-spy"), "record", "--pid", str(self.worker.pid),
+                                 "--duration", str(int(self.args.py_spy)), "--rate", "100", "--format", "raw",
+                                 "--threads", "--nonblocking", "--output", str(out)],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
     def throughput(self) -> dict[str, Any]:
         from kafka import KafkaConsumer, TopicPartition
@@ -283,6 +409,7 @@ class Bench:
         args = self.args
         print(f"[{time.strftime('%H:%M:%S')}] throughput: backlog of {args.burst} events", flush=True)
         producer = self.producer()
+        before = self.snapshot()
         started = time.time()
         for _ in range(args.burst):
             self.send(producer, "burst")
@@ -308,33 +435,51 @@ class Bench:
                     raise RuntimeError("no done within 900 s")
         finally:
             consumer.close()
+        usage = self.usage(before, self.snapshot(), args.burst)
         seconds = done_at - started
         return {"events": args.burst, "produce_s": round(produced_at - started, 2), "seconds": round(seconds, 2),
-                "events_per_s": round(args.burst / seconds, 1)}
+                "events_per_s": round(args.burst / seconds, 1), "usage": usage}
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rate", type=float, default=100.0, help="the first steady phase, events/s")
+    parser.add_argument("--rates", type=str, default="",
+                        help="comma-separated steady phases before the throughput phase (instead of --rate)")
+    parser.add_argument("--idle-seconds", type=float, default=0.0,
+                        help="first measure the idle worker's CPU for this long (0: not measured)")
+    parser.add_argument("--half-rate", type=float, default=0.0,
+                        help="the rate of the last phase (0: half of the measured throughput)")
+    parser.add_argument("--py-spy", type=float, default=0.0,
+                        help="record the worker with py-spy for this many seconds in the middle of each steady phase")
     parser.add_argument("--seconds", type=float, default=60.0, help="length of each steady phase")
     parser.add_argument("--burst", type=int, default=15000, help="backlog for the throughput measurement")
     parser.add_argument("--half-load", action=argparse.BooleanOptionalAction, default=True,
                         help="measure the throughput, then a steady phase at half of it")
     parser.add_argument("--partitions", type=int, default=4)
     parser.add_argument("--poll-ms", type=float, default=100.0, help="GET /cohorts/ch_probe interval")
+    parser.add_argument("--producer-linger-ms", type=int, default=0,
+                        help="the test producer's linger (0: a request per event at low rates)")
+    parser.add_argument("--reader-wait-ms", type=int, default=5, help="fetch wait of the segment-changes reader")
     parser.add_argument("--out", type=Path, default=HERE / "results" / "latency.json")
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="bench-latency-"))
     bench = Bench(args, tmp)
     result: dict[str, Any] = {"settings": {"partitions": args.partitions, "store": "rocksdb://", "clock": "wall",
+                                           "producer_linger_ms": args.producer_linger_ms,
+                                           "reader_wait_ms": args.reader_wait_ms,
                                            "sink_batch_seconds": 0.5, "batch_seconds": 0.05,
                                            "timer_interval_seconds": 0.5, "segments": SEGMENTS}}
     try:
         bench.start()
-        result["steady"] = [bench.steady(args.rate, "fixed")]
+        result["load_at_start"] = loadavg()
+        if args.idle_seconds:
+            result["idle"] = bench.idle(args.idle_seconds)
+        rates = [float(r) for r in args.rates.split(",") if r.strip()] or [args.rate]
+        result["steady"] = [bench.steady(rate, f"fixed{i}") for i, rate in enumerate(rates)]
         if args.half_load:
             result["throughput"] = bench.throughput()
-            half = result["throughput"]["events_per_s"] / 2
+            half = args.half_rate or result["throughput"]["events_per_s"] / 2
             result["steady"].append(bench.steady(half, "half"))
         result["worker_alive"] = bench.worker is not None and bench.worker.poll() is None
     except BaseException:
@@ -354,6 +499,17 @@ def main() -> int:
               f"p99 {k.get('p99')} p99.9 {k.get('p99.9')} ms (n={k['n']}); exit after deadline p50 {e.get('p50')} "
               f"p99 {e.get('p99')} p99.9 {e.get('p99.9')} max {e.get('max')} ms (n={e['n']}); "
               f"missing {phase['missing']}", flush=True)
+        u, f, la = phase["usage"], phase["event_to_change_first_quarter_ms"], phase["event_to_change_last_quarter_ms"]
+        print(f"    first/last quarter event->change p50 {f.get('p50')} / {la.get('p50')} ms; worker CPU "
+              f"{u['worker_cpu']['per_wall_s']} s/s ({u['worker_cpu']['ms_per_event']} ms/event), chDB child "
+              f"{u['child_cpu']['per_wall_s']} s/s, broker {u['broker_cpu']['per_wall_s']} s/s, bench "
+              f"{u['bench_cpu']['per_wall_s']} s/s; profile batches "
+              f"{u['profile_batches']}; sink {u['sink_batches']}; ingest {u.get('ingest_stage')}; "
+              f"load {u['load_start']} -> {u['load_end']}", flush=True)
+    if "idle" in result:
+        u = result["idle"]
+        print(f"idle: worker CPU {u['worker_cpu']['per_wall_s']} s/s, chDB child {u['child_cpu']['per_wall_s']} s/s, "
+              f"broker {u['broker_cpu']['per_wall_s']} s/s; load {u['load_start']} -> {u['load_end']}", flush=True)
     if "throughput" in result:
         print(f"throughput (same worker, same mix): {result['throughput']['events_per_s']} events/s", flush=True)
     return 0

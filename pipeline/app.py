@@ -31,7 +31,7 @@ from faust.types import TP
 from pipeline import codecs, profile_encoding
 from pipeline.api import WorkerBackend, build_api, dashboard_data, start_api, stop_api
 from pipeline.broker import topics as t
-from pipeline.broker.batches import FETCH_MAX_WAIT_MS, BatchConsumer
+from pipeline.broker.batches import FETCH_MAX_WAIT_MS, TAKE_LINGER_S, BatchConsumer, take_events
 from pipeline.cohorts import cohort, segment_sizes
 from pipeline.control import DONE, HEADER, MARKER, Completion, Marker, control_kind
 from pipeline.decode import Limits, decode, schema_id_of
@@ -404,7 +404,10 @@ def create_app(settings: Settings, segments: Sequence[Segment], *, live_definiti
 
     @app.agent(customer_events)
     async def fold_profiles(stream: Any) -> None:
-        async for batch in stream.take_events(settings.batch_size, settings.batch_seconds):
+        # The window opens at a batch's first event, not when the previous batch is done (faust's
+        # take_events): an event waits TAKE_LINGER_S, not up to batch_seconds; batches still grow
+        # up to batch_seconds while events are queued (pipeline.broker.batches.take_events).
+        async for batch in take_events(stream, settings.batch_size, settings.batch_seconds, TAKE_LINGER_S):
             await definitions.ready.wait()  # never evaluate under a set the topic has replaced
             async with state_lock:
                 with metrics.time_evaluation():
@@ -985,14 +988,32 @@ def create_app(settings: Settings, segments: Sequence[Segment], *, live_definiti
 
     # The stateless stages read whole batches outside faust's per-message dispatch (see
     # pipeline.broker.batches); each has its own consumer group and commits after its handler.
+    from prometheus_client import Counter
+
+    # Batches per stage (the profile stage's are evaluation_seconds_count): costs that scale with
+    # the number of batches rather than of events show up as small batches (benchmarks/bench_latency.py).
+    stage_batches = Counter("stage_batches", "Batches handled per batched stage.", ["stage"], namespace="pipeline",
+                            registry=metrics.registry)
+    stage_records = Counter("stage_records", "Records in the batches of each batched stage.", ["stage"],
+                            namespace="pipeline", registry=metrics.registry)
+
+    def counted(stage: str) -> Any:
+        batches, records = stage_batches.labels(stage=stage), stage_records.labels(stage=stage)
+
+        def on_batch(size: int) -> None:
+            batches.inc()
+            records.inc(size)
+        return on_batch
+
     groups = [
         BatchConsumer(bootstrap_servers=settings.bootstrap_servers, group_id=f"{settings.app_id}-ingest",
                       topics=[settings.topic(n) for n in t.INPUTS], max_records=settings.batch_size,
-                      max_wait_s=settings.batch_seconds, options=settings.aiokafka_options()),
+                      max_wait_s=settings.batch_seconds, options=settings.aiokafka_options(),
+                      on_batch=counted("ingest")),
         BatchConsumer(bootstrap_servers=settings.bootstrap_servers, group_id=f"{settings.app_id}-clickhouse",
                       topics=[changes_name, profiles_name, dead_name, folded_name],
                       max_records=settings.sink_batch_size, max_wait_s=settings.sink_batch_seconds, fill=True,
-                      options=settings.aiokafka_options()),
+                      options=settings.aiokafka_options(), on_batch=counted("clickhouse")),
     ]
     stage_lags.extend(group.lag for group in groups)
 
