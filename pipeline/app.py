@@ -68,6 +68,7 @@ from pipeline.timers import TimerIndex
 log = logging.getLogger(__name__)
 
 CATCH_UP_SECONDS = 10.0  # longest the timers of a newly assigned partition wait for its backlog (hold_timers)
+WATERMARK_KEY = b"\x00watermark"  # event clock: a partition's watermark, kept in the aliases table (no identifier)
 
 # faust's RocksDB defaults are per partition database: 64 MiB memtables (up to 3) and a 2 GiB block
 # cache each, 8 databases at 4 partitions. The soak (issue 8) saw the memtables alone grow the
@@ -467,6 +468,7 @@ def create_app(settings: Settings, segments: Sequence[Segment], *, live_definiti
     async def _fold_batch(batch: Sequence[Any]) -> None:
         b = Batch()
         completed: list[tuple[int, Marker]] = []
+        persisted = restore_watermarks({event.message.partition for event in batch})
         for event in batch:
             message = event.message
             key, partition = message.key, message.partition
@@ -518,6 +520,8 @@ def create_app(settings: Settings, segments: Sequence[Segment], *, live_definiti
         for partition, marker in final:
             clock.observe(partition, marker.watermark)
             await fire_timers(partition, clock.now_ms(partition), sends, writes)
+        writes += [(aliases, WATERMARK_KEY, p, str(clock.now_ms(p)).encode())
+                   for p, was in persisted.items() if clock.now_ms(p) > was]
         await deliver(sends, writes)
         # Only after everything before them was sent (see pipeline.control).
         for partition, marker in completed:
@@ -533,6 +537,40 @@ def create_app(settings: Settings, segments: Sequence[Segment], *, live_definiti
             await asyncio.gather(*[
                 await customer_events.send(key=b"", value=following.encode(), partition=p, headers=following.headers())
                 for p in range(following.partitions)])
+
+    def restore_watermarks(partitions: set[int]) -> dict[int, int]:
+        """Event clock: take each partition's watermark as last written with the store (the end of
+        _fold_batch writes it with the profiles) and return it. A worker restarted after a crash,
+        or taking a partition over, reads only what was not committed: a watermark rebuilt from
+        that alone can fall short of what the first run saw, and catch_up then applies fewer
+        time-driven transitions before a redelivered event than the first time."""
+        if clock.mode != "event":
+            return {}
+        persisted = {}
+        for partition in partitions:
+            value = aliases.get(WATERMARK_KEY, partition)
+            persisted[partition] = int(value) if value else 0
+            clock.observe(partition, persisted[partition])
+        return persisted
+
+    async def catch_up(b: Batch, key: bytes, partition: int, state: ProfileState | None, now_ms: int) -> int:
+        """Apply a profile's time-driven transitions due before it is evaluated at ``now_ms``, each at
+        its own instant, and return the instant to evaluate it at. On the event clock, all that fell
+        due up to the partition's watermark: a timer tick or the end of an earlier batch may have
+        applied those already, and then which side of an event a transition landed on depended on
+        batch boundaries and tick timing, so a batch redelivered after a crash (cut into other
+        batches) re-sent its changes with shifted versions (test_crash.py under load)."""
+        if state is None:
+            return now_ms
+        if key in b.profiles:
+            # Stepped earlier in this batch: its next instant is computed at the end of the batch,
+            # but this evaluation needs what time changed in between applied.
+            schedule(state, b.profiles[key][2], definitions.current, config)
+        horizon = max(now_ms, clock.now_ms(partition)) if clock.mode == "event" else now_ms
+        if state.next_check_at is not None and state.next_check_at <= horizon:
+            await emit(key, advance(state, horizon, definitions.current, config), b.sends, b.rows)
+            b.set_profile(key, partition, state, horizon)  # written even if the event is a duplicate
+        return max(now_ms, state.updated_at)
 
     async def _forward(b: Batch, to: str, value: bytes, headers: list[tuple[str, bytes]], hops: int) -> None:
         b.sent_from.add(b.partition)
@@ -561,13 +599,7 @@ def create_app(settings: Settings, segments: Sequence[Segment], *, live_definiti
         if customer_event.source == "crm" and customer_event.type == "erasure_request":
             await _erase(b, key, partition, state, identifiers_of(customer_event), now_ms, customer_event.event_id)
             return
-        if state is not None and key in b.profiles:
-            # Stepped earlier in this batch: its next instant is computed at the end of the batch,
-            # but this event's incremental evaluation needs what time changed in between applied.
-            schedule(state, b.profiles[key][2], definitions.current, config)
-        if state is not None and state.next_check_at is not None and state.next_check_at <= now_ms:
-            # Transitions that fell due before this event are time's, at their own instants.
-            await emit(key, advance(state, now_ms, definitions.current, config), b.sends, b.rows)
+        now_ms = await catch_up(b, key, partition, state, now_ms)
         known = {*alias_keys(state), *state.merged_keys} if state is not None else set()
         result = step(state, name, customer_event, now_ms, definitions.current, config,
                       incremental=state is not None and state.definitions == definitions.fingerprint)
@@ -594,7 +626,7 @@ def create_app(settings: Settings, segments: Sequence[Segment], *, live_definiti
             b.set_alias(key, partition, outcome.alias)
         if outcome.absorb and own is not None and outcome.alias is not None:
             metrics.merge()
-            now_ms = clock.evaluation_time(command.at, own, b.received)
+            now_ms = await catch_up(b, key, partition, own, clock.evaluation_time(command.at, own, b.received))
             released = release(own, now_ms, cause="merge")
             await emit(key, released, b.sends, b.rows)
             await b.forget(key, partition, now_ms, "merge")
@@ -617,7 +649,7 @@ def create_app(settings: Settings, segments: Sequence[Segment], *, live_definiti
             await _forward(b, target, moved.encode(), moved.headers(), hops)
             return
         state = b.profile(key, partition)
-        now_ms = clock.evaluation_time(command.at, state, b.received)
+        now_ms = await catch_up(b, key, partition, state, clock.evaluation_time(command.at, state, b.received))
         result = absorb(state, name, absorbed, command.source, now_ms, definitions.current, config)
         if result.duplicate:
             return

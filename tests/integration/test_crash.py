@@ -12,6 +12,7 @@ from collections import Counter
 from datetime import UTC, datetime
 from random import Random
 
+from pipeline.codecs import decode_change
 from tests.integration.faults import (
     SEGMENTS,
     Feeder,
@@ -39,6 +40,22 @@ def _steadily(feeder: Feeder, messages: list, chunks: list) -> None:
         feeder.send((i, messages[i]) for i in chunk)
         feeder.producer.flush()
         time.sleep(0.2)
+
+
+def _history(records: list, customers: set[str]) -> str:
+    """The changes of ``customers`` on segment-changes, in topic order with their partition and
+    offset: what a failure needs to tell a redelivery (same version and change, a higher offset)
+    from a re-evaluation that shifted versions."""
+    lines = []
+    for record in records:
+        if record.value is None:
+            continue
+        change = decode_change(record.value)
+        if change["customer_id"] in customers:
+            lines.append(f"  {change['customer_id']} p{record.partition}@{record.offset} v{change['profile_version']} "
+                         f"{change['change']} {change['segment_id']} cause={change['cause']} "
+                         f"at={change['changed_at']}")
+    return "\n".join(lines)
 
 
 def test_sigkill_mid_stream_loses_and_doubles_nothing(broker, unique, tmp_path):
@@ -78,7 +95,8 @@ def test_sigkill_mid_stream_loses_and_doubles_nothing(broker, unique, tmp_path):
         run_id = feeder.send_markers(truth.watermark)
         feeder.close()
         wait_done(worker, run_id)
-        on_topic = changes_of(read_topic(worker, "segment-changes", run_id, markers=worker.partitions))
+        records = read_topic(worker, "segment-changes", run_id, markers=worker.partitions)
+        on_topic = changes_of(records)
         worker.stop()
         log = worker.log(20000)
 
@@ -107,17 +125,19 @@ def test_sigkill_mid_stream_loses_and_doubles_nothing(broker, unique, tmp_path):
             timed.setdefault(change["customer_id"], set()).add(change["profile_version"])
     gaps = {r["customer_id"]: (r["version"], r["events_count"], len(timed.get(r["customer_id"], ())))
             for r in profiles if r["version"] != r["events_count"] + len(timed.get(r["customer_id"], ()))}
-    assert not gaps, sorted(gaps.items())[:20]
+    assert not gaps, (f"(version, events, time versions) differ: {sorted(gaps.items())[:20]}\n"
+                      f"{_history(records, set(sorted(gaps)[:5]))}\n{log}")
 
     # (b) The last change per (customer, segment) on segment-changes is the uninterrupted run's.
     last = last_states(on_topic)
     on_topic_members = {pair for pair, change in last.items() if change == "entered"}
     assert on_topic_members == truth.members, (
-        sorted(on_topic_members ^ truth.members)[:20], log)
+        sorted(on_topic_members ^ truth.members)[:20],
+        _history(records, {c for c, _ in sorted(on_topic_members ^ truth.members)[:5]}), log)
 
     # (c) Per (customer, segment), once exact redeliveries are dropped, no state twice in a row.
     repeated, redelivered = repeated_states(on_topic)
-    assert not repeated, repeated[:10]
+    assert not repeated, (f"{repeated[:10]}\n{_history(records, {c for c, _, _ in repeated[:5]})}\n{log}")
     print(f"{redelivered} redelivered changes on the topic (same profile_version and change)")
 
     # (d) ClickHouse FINAL holds every distinct change of the topic exactly once.
