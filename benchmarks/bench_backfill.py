@@ -20,11 +20,14 @@ adopts it (``follow_definitions`` → ``adopt``) and its timer re-evaluates ever
 Completion: the worker's ``pipeline_segment_changes_total{segment=<new>, change="entered"}`` (GET
 /metrics, polled every 0.25 s) reaches the number of members the pure core gives on the same profiles
 (``processor.advance`` then ``processor.reevaluate`` under the new set, per template, times its
-clones). The default segment (``orders_count >= 0``) takes every profile: the last entry is the last
-profile re-evaluated, so the signal is exact; a selective ``--where`` ends at its last member. The
-window runs from the timestamp of the new set's manifest record on the definitions topic to the
-timestamp of the last such ``entered`` record on ``segment-changes`` (read afterwards; counted and
-checked against the expectation, with its causes). Worker and broker CPU in the window are sampled
+clones), and the worker has logged the end of its scan under the new set (``tick``: "profiles checked
+against definition set ...; finished at <epoch>", with how many profiles took the fast path or the
+full one, were written, and the changes). The window runs from the timestamp of the new set's
+manifest record on the definitions topic to the later of the scan's end and the timestamp of the last
+such ``entered`` record on ``segment-changes`` (read afterwards; counted and checked against the
+expectation, with its causes). The default segment (``orders_count >= 0``) takes every profile (the
+worst case: a change, a profile row and a store write per profile); a selective ``--where`` (most
+profiles unchanged: nothing written or sent for them) is the usual case. Worker and broker CPU in the window are sampled
 from /proc. ``--profile-worker`` records the worker with py-spy during the backfill (raw stacks to
 the results directory). Every process started here is stopped, the temporary directory deleted.
 """
@@ -60,10 +63,17 @@ from pipeline.broker.embedded import EmbeddedBroker, free_port
 from pipeline.codecs import decode_change
 from pipeline.control import control_kind
 from pipeline.processes import stop_process
-from pipeline.processor import Config, advance, reevaluate
+from pipeline.processor import Config, advance, reevaluate, schedule
 from pipeline.profile import ProfileState
 from pipeline.segments.definitions import Segment, load_segments, parse_segments
-from pipeline.segments.live import MANIFEST_KEY, definition_record, publish_definitions, set_fingerprint
+from pipeline.segments.live import (
+    MANIFEST_KEY,
+    SetHistory,
+    backfill,
+    definition_record,
+    publish_definitions,
+    set_fingerprint,
+)
 from pipeline.settings import load_settings
 
 HERE = Path(__file__).resolve().parent
@@ -105,6 +115,54 @@ def expected_members(templates: list[ProfileState], count: int, segments: list[S
     return full * sum(member) + sum(member[:rest])
 
 
+def core_rates(templates: list[ProfileState], base: list[Segment], new_set: list[Segment], count: int,
+               now_ms: int) -> dict[str, float]:
+    """CPU per profile of the pure work the scan does under a new set, in this process (no broker,
+    no store): the old path (decode, advance + reevaluate + schedule over every segment, encode)
+    against ``live.backfill`` (decode, the changed segments only, encode only when written), on the
+    same ``count`` encoded clones. A ratio taken in one run, so less sensitive to the machine's load."""
+    from pipeline import profile_encoding
+
+    config = Config()
+    old_fp, new_fp = set_fingerprint(base), set_fingerprint(new_set)
+    history = SetHistory()
+    history.add(base)
+    history.add(new_set)
+    values = [profile_encoding.encode(templates[i % len(templates)]) for i in range(count)]
+
+    def old_path() -> int:
+        written = 0
+        for value in values:
+            state = profile_encoding.decode(value)
+            advance(state, now_ms, new_set, config)
+            reevaluate(state, now_ms, new_set, config, cause="definition_changed")
+            state.definitions = new_fp
+            schedule(state, now_ms, new_set, config)
+            profile_encoding.encode(state)
+            written += 1
+        return written
+
+    def new_path() -> int:
+        written = 0
+        for value in values:
+            state = profile_encoding.decode(value)
+            done = backfill(state, now_ms, new_set, new_fp, history.change(state.definitions, new_fp), config)
+            if done.write:
+                profile_encoding.encode(state)
+                written += 1
+        return written
+
+    assert all(t.definitions == old_fp for t in templates)
+    out: dict[str, float] = {}
+    for name, run in (("full", old_path), ("backfill", new_path)):
+        started = time.process_time()
+        written = run()
+        out[f"{name}_us_per_profile"] = 1e6 * (time.process_time() - started) / count
+        out[f"{name}_written"] = written
+    out["speedup"] = out["full_us_per_profile"] / out["backfill_us_per_profile"]
+    return out
+
+
 def read_entries(bootstrap: str, topic: str, partitions: int, segment_id: str, expected: int,
                  timeout: float) -> tuple[int, float, dict[str, int]]:
     """Count the ``entered`` changes of ``segment_id`` on ``topic`` (until ``expected`` or the end);
@@ -136,6 +194,24 @@ def read_entries(bootstrap: str, topic: str, partitions: int, segment_id: str, e
     finally:
         consumer.close()
     return count, last, dict(causes)
+
+
+SCAN_LINE = re.compile(r"profiles checked against definition set (\w+): (\d+) in [\d.]+ s \((\d+) brought up to date "
+                       r"by the changed segments, (\d+) in full, (\d+) written, (\d+) changes\); finished at ([\d.]+)")
+
+
+def scan_finished(log_path: Path, fingerprint: str) -> dict[str, float] | None:
+    """The worker's log line that ends its scan of the profiles under the set ``fingerprint``."""
+    try:
+        text = log_path.read_text(errors="replace")
+    except OSError:
+        return None
+    for match in SCAN_LINE.finditer(text):
+        if match.group(1) == fingerprint:
+            checked, backfilled, full, written, changes, at = match.groups()[1:]
+            return {"checked": int(checked), "backfilled": int(backfilled), "full": int(full),
+                    "written": int(written), "changes": int(changes), "finished_at": float(at)}
+    return None
 
 
 def manifest_timestamp(bootstrap: str, topic: str) -> float:
@@ -176,6 +252,9 @@ def main() -> None:
                         help="the new segment (default: every profile, so the last entry is the last profile)")
     parser.add_argument("--timeout", type=float, default=1200.0, help="seconds each phase may take")
     parser.add_argument("--profile-worker", action="store_true", help="py-spy the worker during the backfill")
+    parser.add_argument("--core-only", action="store_true",
+                        help="only the in-process CPU per profile of the old scan path against live.backfill")
+    parser.add_argument("--core-profiles", type=int, default=20_000, help="clones timed in the in-process comparison")
     parser.add_argument("--out", type=Path, default=HERE / "results" / "backfill.json")
     args = parser.parse_args()
     args.out = args.out.resolve()
@@ -192,6 +271,12 @@ def main() -> None:
                                  source="--where")
     new_set = [*base, *new_segment]
     print(f"{len(templates):,} template profiles; {args.profiles:,} clones", flush=True)
+    core = core_rates(templates, base, new_set, args.core_profiles, int(time.time() * 1000))
+    print(f"  in-process, per profile: full path {core['full_us_per_profile']:.0f} us ({core['full_written']:,} "
+          f"written), backfill {core['backfill_us_per_profile']:.0f} us ({core['backfill_written']:,} written): "
+          f"x{core['speedup']:.1f}; load {os.getloadavg()[0]:.1f}", flush=True)
+    if args.core_only:
+        return
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-backfill-"))
     segments_file = tmp / "segments.yaml"
@@ -265,18 +350,25 @@ def main() -> None:
                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                         preexec_fn=_die_with_parent)  # noqa: PLW1509
             time.sleep(1.0)  # py-spy attached
+        idle_from = time.time()
+        time.sleep(5.0)  # the idle worker's CPU (its consumers poll, /metrics is scraped): subtracted below
+        idle_cpu_per_s = (sampler.cpu_between(worker.pid, idle_from, time.time() - 0.5) or 0.0) / 4.5
         published_wall = time.time()
         added, _, _ = publish_definitions([broker.bootstrap], settings.topic(t.DEFINITIONS), new_set)
         print(f"  published {added} ({len(new_set)} segments); expecting {expected:,} entries", flush=True)
         seen_at = None
+        scan: dict[str, float] | None = None
+        new_fingerprint = set_fingerprint(new_set)
         while True:
             alive()
             entered = metric(port, "pipeline_segment_changes_total", labels) or 0.0
-            if entered >= expected:
+            scan = scan or scan_finished(tmp / "worker.log", new_fingerprint)
+            if entered >= expected and scan is not None:
                 seen_at = time.time()
                 break
             if time.monotonic() > deadline + args.timeout:
-                raise RuntimeError(f"{entered:,.0f} of {expected:,} entries after {args.timeout} s")
+                raise RuntimeError(f"{entered:,.0f} of {expected:,} entries after {args.timeout} s "
+                                   f"(scan {'over' if scan else 'not over'})")
             time.sleep(0.25)
         if profiler is not None:
             profiler.send_signal(signal.SIGINT)
@@ -288,17 +380,25 @@ def main() -> None:
         start_at = manifest_timestamp(broker.bootstrap, settings.topic(t.DEFINITIONS))
         count, end_at, causes = read_entries(broker.bootstrap, settings.topic(t.SEGMENT_CHANGES), args.partitions,
                                              args.segment_id, expected, args.timeout)
-        seconds = end_at - start_at
+        # The scan's end (every profile checked; the log's epoch time, same machine) or the last entry,
+        # whichever is later: with a selective segment the last member can come well before the end.
+        assert scan is not None
+        window_end = max(end_at, scan["finished_at"])
+        seconds = window_end - start_at
         result = {"profiles": args.profiles, "templates": len(templates), "segment": args.segment_id,
                   "where": args.where, "expected_entries": expected, "entries_read": count,
                   "entries_causes": causes, "complete": count == expected, "seconds": seconds,
                   "profiles_per_s": args.profiles / seconds, "metric_seen_s": seen_at - start_at,
+                  "last_entry_s": end_at - start_at if count else None,
+                  "scan_end_s": scan["finished_at"] - start_at, "scan": scan,
                   "publish_call_to_manifest_s": start_at - published_wall,
-                  "worker_cpu_s": sampler.cpu_between(worker.pid, start_at, end_at), "worker_cpu_total_s": cpu_total,
-                  "broker_cpu_s": sampler.cpu_between(broker.process.pid, start_at, end_at),
+                  "worker_cpu_s": sampler.cpu_between(worker.pid, start_at, window_end),
+                  "worker_cpu_total_s": cpu_total, "worker_idle_cpu_per_s": idle_cpu_per_s,
+                  "broker_cpu_s": sampler.cpu_between(broker.process.pid, start_at, window_end),
                   "worker_peak_rss_mib": round(peak_rss / 1024), "recovery_ready_s": ready_s,
                   "initial_scan_s": scan_s, "timers_pending": last_pending, "fill_s": fill["produce_s"],
                   "goal_1m_in_60s_rate": 1_000_000 / 60, "goal_met": args.profiles / seconds >= 1_000_000 / 60}
+        result["worker_cpu_net_s"] = (result["worker_cpu_s"] or 0.0) - idle_cpu_per_s * seconds
         failed = False
     finally:
         for process in (profiler, worker):
@@ -319,12 +419,19 @@ def main() -> None:
            "command": " ".join([".venv/bin/python", "benchmarks/bench_backfill.py", *sys.argv[1:]]),
            "seconds": round(time.time() - started, 1),
            "machine": {"cores": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
-           "load_before": load_before, "load_after": load_after, "code": _code_state(), "result": result}
+           "load_before": load_before, "load_after": load_after, "code": _code_state(), "core": core,
+           "result": result}
     args.out.write_text(json.dumps(out, indent=2))
     r = result
     print(f"\nbackfill of '{args.segment_id}' ({args.where}) over {r['profiles']:,} profiles: {r['seconds']:.1f} s, "
           f"{r['profiles_per_s']:,.0f} profiles/s (goal 1M in 60 s = 16,667/s: "
           f"{'met' if r['goal_met'] else 'not met'})")
+    sc = r["scan"]
+    print(f"scan: {sc['checked']:,} checked, {sc['backfilled']:,} by the changed segments only, "
+          f"{sc['full']:,} in full, "
+          f"{sc['written']:,} written, {sc['changes']:,} changes; worker CPU per profile "
+          f"{1e6 * (r['worker_cpu_s'] or 0) / r['profiles']:.0f} us, net of the idle worker's "
+          f"({r['worker_idle_cpu_per_s']:.3f} CPU s/s) {1e6 * r['worker_cpu_net_s'] / r['profiles']:.0f} us")
     print(f"entries {r['entries_read']:,} of {r['expected_entries']:,} expected ({r['entries_causes']}); worker CPU "
           f"{r['worker_cpu_s'] or 0:.1f} s, broker CPU {r['broker_cpu_s'] or 0:.1f} s in the window; worker peak RSS "
           f"{r['worker_peak_rss_mib']} MiB; recovery {r['recovery_ready_s']:.1f} s, "
