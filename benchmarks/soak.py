@@ -285,7 +285,7 @@ class Soak:
         consumer = KafkaConsumer(bootstrap_servers=self.broker.bootstrap, consumer_timeout_ms=200)
         consumer.assign([TopicPartition(f"{PREFIX}{t.CONTROL}", p) for p in range(self.args.partitions)])
         consumer.seek_to_beginning()
-        deadline = time.monotonic() + 600
+        deadline = time.monotonic() + self.args.drain_minutes * 60
         try:
             while time.monotonic() < deadline:
                 for record in consumer:
@@ -294,7 +294,7 @@ class Soak:
                 assert self.worker is not None
                 if self.worker.poll() is not None:
                     raise RuntimeError(f"the worker exited with code {self.worker.returncode} before done")
-            raise RuntimeError("no done within 600 s of the end markers")
+            raise RuntimeError(f"no done within {self.args.drain_minutes:g} min of the end markers")
         finally:
             consumer.close()
 
@@ -352,6 +352,9 @@ def main() -> int:
                         help="run the worker under pipeline.memdebug and keep its memory attribution samples")
     parser.add_argument("--tracemalloc", type=int, default=0, metavar="FRAMES",
                         help="with --debug-memory: trace Python allocations (slows the worker; not for figures)")
+    parser.add_argument("--drain-minutes", type=float, default=10.0,
+                        help="how long to wait for the worker's done after the end markers (a loaded machine "
+                             "leaves a backlog: 230k events behind at load 35)")
     parser.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
                         type=lambda x: tuple(x.split("=", 1)),
                         help="an extra variable in the worker's environment (memory experiments: MALLOC_ARENA_MAX=2, "
