@@ -1,8 +1,9 @@
 """Latency at a steady rate (issue 9, item 2): produce -> segment change, produce -> ClickHouse row,
 and time-driven exit -> its deadline.
 
-    .venv/bin/python benchmarks/bench_latency.py [--rate 100] [--seconds 60] [--burst 15000]
-        [--half-load/--no-half-load] [--partitions 4] [--out benchmarks/results/latency.json]
+    .venv/bin/python benchmarks/bench_latency.py [--rate 100 | --rates 200,400,800] [--seconds 60]
+        [--burst 15000] [--half-load/--no-half-load] [--half-rate R] [--idle-seconds S] [--py-spy S]
+        [--producer-linger-ms 0] [--reader-wait-ms 5] [--partitions 4] [--out benchmarks/results/latency.json]
 
 One embedded broker and one ``python -m pipeline worker`` (RocksDB store, wall clock, the ClickHouse
 sink on chDB with its default PIPELINE_SINK_BATCH_SECONDS=0.5, the HTTP API) on three segments made
@@ -24,7 +25,16 @@ Measured, per event, from the wall-clock time just before ``send`` (also its ``o
   ``--poll-ms``, so up to that much is added), i.e. its membership row was inserted and is visible;
 - exit delay: the ``exited`` change's arrival minus its ``changed_at`` (the deadline).
 
-Phases, on the same worker: (1) ``--seconds`` at ``--rate`` events/s; (2) the throughput of this
+What each phase cost (``usage`` in the results): CPU seconds per wall second and per event of the
+worker, its chDB child process, the broker and this process (producer, reader, poller: they share
+the two cores with the worker), and per stage the batches and their sizes (the worker's
+``pipeline_stage_batches_total``/``pipeline_stage_records_total`` for ingest and the ClickHouse
+writer, ``pipeline_evaluation_seconds`` for the profile stage, ``pipeline_sink_batch_*``): costs
+that scale with batches rather than events show up there. Whether the worker kept up: the
+event -> change p50 of the last quarter of a phase against its first (a queue makes it grow).
+
+Phases, on the same worker: (0) with ``--idle-seconds``, nothing at all (the cost of polling and
+timers); (1) ``--seconds`` at ``--rate`` events/s, or at each of ``--rates``; (2) the throughput of this
 worker on the same event mix, from a backlog of ``--burst`` events produced at once to the ``done`` of
 the end-marker protocol (pipeline.control); (3) ``--seconds`` at half of that throughput. Each steady
 phase ends with a 14 s tail so the last exits arrive. Every process started here is stopped here; the
