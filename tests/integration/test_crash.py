@@ -12,12 +12,19 @@ from collections import Counter
 from datetime import UTC, datetime
 from random import Random
 
-from pipeline.codecs import decode_change
+from pipeline.broker import topics as t
+from pipeline.codecs import decode_change, decode_event
+from pipeline.control import control_kind
+from pipeline.decode import decode
+from pipeline.events import DeadLetter
+from pipeline.identity import routing_key
+from pipeline.linking import OP_HEADER
 from tests.integration.faults import (
     SEGMENTS,
     Feeder,
     Worker,
     changes_of,
+    consumer_for,
     count_records,
     expected,
     faulty_traffic,
@@ -58,6 +65,40 @@ def _history(records: list, customers: set[str]) -> str:
     return "\n".join(lines)
 
 
+def _where_lost(worker: Worker, messages: list, sent: list, customers: set[str]) -> str:
+    """For the events of ``customers`` that no profile counted: where each was produced (input
+    topic, partition, offset), whether that record is still on the input topic, and whether the
+    ingest stage put it on customer-events. Tells a loss in the broker, in ingest, or in the profile
+    stage apart (the broker is still up: the topics outlive the worker)."""
+    on_input: dict[tuple[str, int, int], bytes | None] = {}
+    for name in t.INPUTS:
+        consumer = consumer_for(worker, name)
+        try:
+            on_input.update({(m.topic, m.partition, m.offset): m.value for m in consumer})
+        finally:
+            consumer.close()
+    consumer = consumer_for(worker, t.CUSTOMER_EVENTS)
+    try:
+        ingested = {decode_event(m.value).event_id: (m.partition, m.offset) for m in consumer
+                    if m.value and control_kind(m.headers) is None and not dict(m.headers or ()).get(OP_HEADER)}
+    finally:
+        consumer.close()
+    lines, where = [], {s.index: s for s in sent}
+    for index, message in enumerate(messages):
+        event = decode(message.source, message.value, now_ms=int(time.time() * 1000))
+        if isinstance(event, DeadLetter) or index not in where:
+            continue
+        key = routing_key(customer_id=event.customer_id, loyalty_id=event.loyalty_id,
+                          email_hash=event.email_hash, anonymous_id=event.anonymous_id)
+        if key not in customers or event.event_id in ingested:
+            continue
+        at = where[index]
+        lines.append(f"  #{index} {event.event_id} of {key}: {at.topic}[{at.partition}]@{at.offset} "
+                     f"on the input topic: {on_input.get((at.topic, at.partition, at.offset)) == message.value}, "
+                     f"on customer-events: no")
+    return f"{len(lines)} events of these customers never reached customer-events:\n" + "\n".join(lines[:60])
+
+
 def test_sigkill_mid_stream_loses_and_doubles_nothing(broker, unique, tmp_path):
     messages = faulty_traffic(events=3000, customers=300, seed=SEED, start_ms=START, step_ms=3 * 3_600_000)
     truth = expected(messages, segments_of(SEGMENTS))
@@ -91,7 +132,7 @@ def test_sigkill_mid_stream_loses_and_doubles_nothing(broker, unique, tmp_path):
             time.sleep(rng.uniform(0.0, 1.0))
             worker.start()
         producer.join(timeout=60)
-        feeder.flush()
+        sent = feeder.flush()
         run_id = feeder.send_markers(truth.watermark)
         feeder.close()
         wait_done(worker, run_id)
@@ -114,7 +155,7 @@ def test_sigkill_mid_stream_loses_and_doubles_nothing(broker, unique, tmp_path):
     counts = {r["customer_id"]: r["events_count"] for r in profiles}
     want = {key: state.events_count for key, state in truth.states.items()}
     differing = {c: (counts.get(c), want.get(c)) for c in {*counts, *want} if counts.get(c) != want.get(c)}
-    assert not differing, (sorted(differing.items())[:20], log)
+    assert not differing, (sorted(differing.items())[:20], _where_lost(worker, messages, sent, set(differing)), log)
 
     # No time-driven transition lost: a profile's version goes up by one per event folded and
     # per time-driven re-evaluation that changed a membership, so each customer's final version
