@@ -181,11 +181,20 @@ class ChdbProcessClient:
         payload = pickle.dumps((method, args, kwargs), protocol=_PROTOCOL)
         try:
             self._conn.send_bytes(payload)
-            ok, value = pickle.loads(self._conn.recv_bytes())
+            data = self._conn.recv_bytes()
         except (EOFError, OSError) as exc:
             process, self._conn, self._process = self._process, None, None
             _reap(process, 5)
             raise _child_lost(f"exit code {process.returncode}; a new one starts on the next call") from exc
+        except BaseException:
+            # interrupted between the request and its reply (a timeout, Ctrl-C): that reply would
+            # answer the next request. This child is dropped (it sees the end of file and exits,
+            # or is killed if busy) and the next call starts a new one.
+            conn, process, self._conn, self._process = self._conn, self._process, None, None
+            conn.close()
+            _reap(process, 5)
+            raise
+        ok, value = pickle.loads(data)
         if not ok:
             raise value
         return value
@@ -251,7 +260,10 @@ def serve(conn: Connection, parent_pid: int) -> None:
                 reply = pickle.dumps((True, _handle(client, method, args, kwargs)), protocol=_PROTOCOL)
             except Exception as exc:  # noqa: BLE001 - every error goes back to the caller
                 reply = _error(exc)
-            conn.send_bytes(reply)
+            try:
+                conn.send_bytes(reply)
+            except OSError:
+                return  # the parent is gone or dropped this child
     finally:
         if client is not None:
             client.close()

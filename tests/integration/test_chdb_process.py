@@ -89,6 +89,26 @@ def test_errors_come_back_as_clickhouse_connect_exceptions(client: ChdbProcessCl
     assert client.command("SELECT 1") == 1  # the child serves on after an error
 
 
+def test_a_call_interrupted_before_its_reply_does_not_shift_the_replies(client: ChdbProcessClient):
+    """A timeout or Ctrl-C while waiting for a reply: that reply must not answer the next call."""
+    class Interrupted(Exception):
+        pass
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise Interrupted
+
+    previous = signal.signal(signal.SIGALRM, interrupt)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.5)
+        with pytest.raises(Interrupted):
+            client.query("SELECT sleep(3)")
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    assert client.command("SELECT 42") == 42
+    assert client.query("SELECT 'next'").result_rows == [("next",)]
+
+
 def test_the_product_writer_and_migrations_through_the_child(tmp_path: Path):
     dsn = f"chdb://{tmp_path / 'ch'}"
     proxy = connect(dsn, process=True)
