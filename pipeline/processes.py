@@ -26,11 +26,11 @@ def stop_process(process: subprocess.Popen[Any], *, sig: int = signal.SIGTERM, t
 def limit_malloc_arenas(arenas: int = 2) -> bool:
     """Cap glibc's malloc arenas for this process and, through MALLOC_ARENA_MAX, its children (the
     chDB process). glibc gives every thread that allocates an arena of its own, up to 8 per core, and
-    keeps each one's freed memory: in the 60-minute soak the worker's thread arenas grew 5 -> 24 MiB
-    with the default; with 2 arenas an 8-minute soak at the same rate held 7 MiB of them instead of 13
-    (benchmarks/README.md, Soak). Call before the process starts threads (glibc fixes the limit when
-    the first thread arena is made). An explicit MALLOC_ARENA_MAX is left as set. False where glibc's
-    mallopt is missing (musl, macOS)."""
+    keeps each one's freed memory: in a 47-minute soak the worker's thread arenas held 5 MiB at 1 min
+    and 18-31 MiB from 10 min on with the default; in two 8-minute soaks run side by side at the same
+    rate, 13.2 MiB with the default and 6.9 with 2 arenas (benchmarks/README.md, Soak). Call before
+    the process starts threads (glibc fixes the limit when the first thread arena is made). An
+    explicit MALLOC_ARENA_MAX is left as set. False where glibc's mallopt is missing (musl, macOS)."""
     if "MALLOC_ARENA_MAX" in os.environ:
         return False  # glibc applied the operator's value at start
     os.environ["MALLOC_ARENA_MAX"] = str(arenas)
