@@ -13,6 +13,7 @@ from typing import Any
 
 from pipeline.events import Event
 from pipeline.profile import LATENESS_DAYS, ProfileState, columns, fold, is_duplicate, new_profile, touched_columns
+from pipeline.segments.deadlines import DeadlineCache
 from pipeline.segments.definitions import Segment
 from pipeline.segments.membership import SegmentChange, diff, evaluate
 
@@ -31,6 +32,10 @@ class StepResult:
     changes: list[SegmentChange] = field(default_factory=list)
     row: dict[str, Any] | None = None  # the profile's columns, when it changed
     duplicate: bool = False
+
+
+# One per process (the worker's profile stage runs on one event loop): bounded, checked on every use.
+DEADLINES = DeadlineCache()
 
 
 def to_datetime(ms: int) -> datetime:
@@ -89,12 +94,20 @@ def reevaluate(state: ProfileState, now_ms: int, segments: Sequence[Segment], co
     return _reevaluate(state, now_ms, segments, config, cause=cause, bump=True)
 
 
-def schedule(state: ProfileState, now_ms: int, segments: Sequence[Segment], config: Config = Config()) -> int | None:
+def schedule(state: ProfileState, now_ms: int, segments: Sequence[Segment], config: Config = Config(), *,
+             row: dict[str, Any] | None = None) -> int | None:
     """Set and return the next instant after ``now_ms`` at which the memberships may change with
-    no new event (None: never). Call after the profile was evaluated at ``now_ms``."""
-    from pipeline.segments.deadlines import next_check_at
+    no new event (None: never). Call after the profile was evaluated at ``now_ms``.
 
-    due = next_check_at(state, segments, now_ms, half_life_days=config.half_life_days, sweep_ms=config.sweep_ms)
+    ``row``: its columns at ``now_ms``, when the caller has them; otherwise those the last evaluation
+    of this very state computed are reused if nothing changed it since (same version, same instant),
+    else they are computed. The answer is ``deadlines.next_check_at``'s, found incrementally
+    (``DEADLINES``: segments whose inputs did not change since the profile's last call keep their
+    answer)."""
+    if row is None:
+        row = _recall_row(state, now_ms)
+    due = DEADLINES.next_check_at(state, segments, now_ms, half_life_days=config.half_life_days,
+                                  sweep_ms=config.sweep_ms, row=row)
     if due is not None and due <= now_ms:
         due = now_ms + 1  # the contract is "strictly later"; never loop on one instant
     state.next_check_at = due
@@ -144,6 +157,30 @@ def release(state: ProfileState, now_ms: int, *, cause: str) -> StepResult:
     return StepResult(state, changes)
 
 
+# The columns the last evaluations computed, per state object, for schedule() right after (it needs the
+# same row): (state, instant, version, row). Valid only while the state's version is unchanged (every
+# change to a column bumps it) and for that instant; popped when used, the oldest dropped past the bound.
+_ROWS: dict[int, tuple[ProfileState, int, int, dict[str, Any]]] = {}
+_ROWS_MAX = 4096
+
+
+def _remember_row(state: ProfileState, now_ms: int, row: dict[str, Any]) -> None:
+    _ROWS.pop(id(state), None)  # re-inserted last: the oldest stay first
+    _ROWS[id(state)] = (state, now_ms, state.version, row)
+    if len(_ROWS) > _ROWS_MAX:
+        del _ROWS[next(iter(_ROWS))]
+
+
+def _recall_row(state: ProfileState, now_ms: int) -> dict[str, Any] | None:
+    found = _ROWS.pop(id(state), None)
+    if found is None or found[0] is not state or found[1] != now_ms or found[2] != state.version:
+        return None
+    row = found[3]
+    if row.get("version") != state.version or row.get("segments") != sorted(state.segments):
+        return None  # changed by its receiver since
+    return row
+
+
 def _reevaluate(state: ProfileState, now_ms: int, segments: Sequence[Segment], config: Config, *,
                 cause: str, bump: bool = False, only: Affected | None = None) -> StepResult:
     row = columns(state, now_ms, half_life_days=config.half_life_days)
@@ -153,6 +190,7 @@ def _reevaluate(state: ProfileState, now_ms: int, segments: Sequence[Segment], c
         members = evaluate(row, only.segments, to_datetime(now_ms))
         members |= {sid for sid in state.segments if sid not in only.ids and sid in only.defined}
     if bump and members == set(state.segments):
+        _remember_row(state, now_ms, row)
         return StepResult(state)
     if bump:
         state.version += 1
@@ -167,4 +205,5 @@ def _reevaluate(state: ProfileState, now_ms: int, segments: Sequence[Segment], c
         else:
             state.segments.pop(change.segment_id, None)
     row["segments"] = sorted(state.segments)
+    _remember_row(state, now_ms, row)
     return StepResult(state, changes, row)

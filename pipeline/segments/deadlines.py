@@ -58,6 +58,17 @@ top_category, at the level the other category is at, and where the unrounded gap
 ``TOP_GAP``), gallop from it and bisect: the guess only saves evaluations, the real rounded
 function decides, so the instants are exactly those a plain bisection finds (property-tested).
 
+``dateDiff(unit, x, now()) OP n`` (fixed-length units) has a closed form too: the unit boundary at
+which the difference reaches the deciding value. Every guess is checked first: when the probe has
+flipped there, the flip is searched for below it only.
+
+Across calls (``DeadlineCache``, used by ``processor.schedule``): a segment's answer depends only on
+the held columns it reads, the orders (if it reads a window) and the affinities it reads (some keys,
+or all), besides the instant. An answer found at t0 is kept per profile and reused at t1 in [t0,
+answer) while those inputs are equal (checked by value on every call); an answer bounded by the
+search limit only says "not before" and is searched again when it could be the result. Same answer
+as from scratch (property-tested), fewer searches when an event leaves most inputs alone.
+
 Swept (``now_ms + sweep_ms``, re-asked at every sweep), for the whole segment, when a continuous
 input (``now()`` or ``category_affinity``) appears inside a construct the sign analysis cannot
 prove monotone: ``%``, ``abs``, ``*`` or ``/`` by anything but a numeric literal (or a literal
@@ -148,6 +159,8 @@ class _Probe:
     threshold: tuple[str, float] | None = None  # ``category_affinity['k'] OP c``: the key, and the unrounded
     # affinity at which the rounded one crosses c (where the flip is: a guess, always verified)
     reads_top: bool = False  # then it is monotone only between top_category changes
+    guess: Callable[[dict[str, Any]], int | None] | None = None  # ``dateDiff(unit, x, now()) OP n``: about
+    # when it flips, from the row (a starting point for the search, always verified)
 
     def value(self, row: dict[str, Any], ctx: _Context, t: int) -> bool | None:
         """Its truth at ``t``; None for NULL (which only the held inputs decide)."""
@@ -293,7 +306,7 @@ def _probe(node: exp.Expression, direction: int | None) -> _Probe | None:
     reads_now = any(_is_now(n) for n in node.walk())
     reads_top = any(isinstance(n, exp.Column) and n.name == TOP for n in node.walk())
     return _Probe(compile_expression(node), direction, None if keys is None else frozenset(keys), reads_aff,
-                  reads_now, _threshold(node), reads_top)
+                  reads_now, _threshold(node), reads_top, None if reads_aff else _now_guess(node))
 
 
 def _unparen(node: Any) -> Any:
@@ -338,6 +351,46 @@ def _threshold(node: exp.Expression) -> tuple[str, float] | None:
     if key is None or value is None:
         return None
     return key, value - HALF_STEP if op in (exp.GTE, exp.LT) else value + HALF_STEP
+
+
+_UNIT_SECONDS = {"second": 1, "minute": 60, "hour": 3600, "day": 86_400, "week": 7 * 86_400}
+
+
+def _now_guess(node: exp.Expression) -> Callable[[dict[str, Any]], int | None] | None:
+    """For ``dateDiff(unit, x, now()) OP n`` (either side; x reads no continuous input, unit of a fixed
+    length): the unit boundary at which the difference reaches the value that decides the comparison
+    (dateDiff counts boundaries crossed, as compiler.date_diff). Only a starting point for the search:
+    a good one saves the day/hour/second grid search of _first_true_aligned (about ten evaluations)."""
+    op, left, right = type(node), _unparen(node.this), _unparen(node.expression)
+    if op not in _MIRROR:
+        return None
+    if not isinstance(left, exp.DateDiff):
+        op, left, right = _MIRROR[op], right, left
+    n = _literal_value(right)
+    if (not isinstance(left, exp.DateDiff) or n is None or not math.isfinite(n) or not _is_now(_unparen(left.this))
+            or _continuous(left.expression)):
+        return None
+    unit = str(left.args["unit"].this if left.args.get("unit") else "").lower().strip("'")
+    size = _UNIT_SECONDS.get(unit)
+    if size is None:
+        return None
+    reach = math.floor(n) + 1 if op in (exp.GT, exp.LTE) else math.ceil(n)  # > n, <= n: past n; >= n, < n: at n
+    shift = 3 * 86_400 if unit == "week" else 0  # weeks start on Monday; 1970-01-01 was a Thursday
+    start = compile_expression(left.expression)
+
+    def guess(row: dict[str, Any]) -> int | None:
+        try:
+            x = start(row, _EPOCH)  # reads no now()
+        except (ZeroDivisionError, OverflowError, ValueError):
+            return None
+        if not isinstance(x, datetime):
+            return None
+        return (math.floor((x.timestamp() + shift) / size) + reach) * size * 1000 - shift * 1000
+
+    return guess
+
+
+_EPOCH = datetime.fromtimestamp(0, tz=UTC)
 
 
 def _probes(node: exp.Expression, out: list[_Probe]) -> None:
@@ -694,11 +747,13 @@ def _first_true(pred: Callable[[int], bool], lo: int, hi: int) -> int | None:
     return _bisect(pred, lo, hi)
 
 
-def _first_true_near(pred: Callable[[int], bool], lo: int, hi: int, guess: int | None) -> int | None:
+def _first_true_near(pred: Callable[[int], bool], lo: int, hi: int, guess: int | None, *,
+                     checked: bool = False) -> int | None:
     """As _first_true, starting from ``guess`` (a closed form's answer, possibly off by a little or a
     lot): probe it, gallop away from it by doubling steps until the flip is bracketed, then bisect.
-    The answer is the same as _first_true's (only pred decides); a good guess costs a few calls."""
-    if hi <= lo or not pred(hi):
+    The answer is the same as _first_true's (only pred decides); a good guess costs a few calls.
+    ``checked``: the caller knows pred(hi) holds (and hi > lo)."""
+    if not checked and (hi <= lo or not pred(hi)):
         return None
     if guess is None:
         return _bisect(pred, lo, hi)
@@ -774,21 +829,61 @@ def _changed(probe: _Probe, row: dict[str, Any], ctx: _Context, first: bool) -> 
 # --- the walk --------------------------------------------------------------------------------------
 
 
+def _flip(probe: _Probe, row: dict[str, Any], ctx: _Context, lo: int, top: int, first: bool, flips: set[int]) -> bool:
+    """Add to ``flips`` the instant in (lo, top] at which the probe's truth first differs from ``first``
+    (its value at lo), if it does by top. A closed-form guess, when there is one, is checked first: a
+    flip by then is searched for below it and top is never evaluated."""
+    changed = _changed(probe, row, ctx, first)
+    guess: int | None = None  # a closed form's instant for the flip (verified, never trusted)
+    if probe.threshold is not None and not probe.reads_now:
+        if probe.threshold[0] in ctx.state.affinity:
+            guess = ctx.falls_to(*probe.threshold)
+    elif probe.guess is not None:
+        guess = probe.guess(row)
+    start = lo  # the flip is after start
+    if guess is not None and lo < guess <= top:
+        if changed(guess):  # flipped by then (monotone): in (lo, guess], searched down from it
+            flip = _first_true_near(changed, lo, guess, guess - 1, checked=True)
+            assert flip is not None
+            flips.add(flip)
+            return True
+        start = guess  # not flipped there, so not before either
+    if probe.holds(row, ctx, top) == first:
+        return False
+    if guess is not None:
+        flip = _first_true_near(changed, start, top, guess if start == lo else start + 1, checked=True)
+        assert flip is not None  # changed(top) holds
+    elif probe.reads_aff:
+        flip = _bisect(changed, lo, top)
+    else:
+        flip = _first_true_aligned(changed, lo, top)
+    flips.add(flip)
+    return True
+
+
 def _segment_deadline(segment: Segment, plan: _Plan, ctx: _Context, sweep_ms: int,
                       limit: int | None = None) -> int | None:
     """The segment's next change (as next_check_at). With ``limit``, only an answer before it counts:
     None then also means "not before limit", and the searches stop there."""
+    return _segment_walk(segment, plan, ctx, sweep_ms, limit)[0]
+
+
+def _segment_walk(segment: Segment, plan: _Plan, ctx: _Context, sweep_ms: int,
+                  limit: int | None = None) -> tuple[int | None, bool]:
+    """As _segment_deadline, and whether the answer is exact: membership really differs at the instant
+    (False: a sweep, the horizon or a cap; nothing changes before it). None with ``exact`` means never,
+    unless a ``limit`` was given (then: not before it)."""
     now_ms, base, now_dt = ctx.now_ms, ctx.base, ctx.now_dt
     if segment.requires_consent == "marketing" and base.get("consent_marketing") is not True:
-        return None  # consent is not time-dependent
+        return None, True  # consent is not time-dependent
     for term in plan.static_terms:
         try:
             if not _truth(term(base, now_dt)):
-                return None  # a constant false AND term: never a member, whatever the time
+                return None, True  # a constant false AND term: never a member, whatever the time
         except (ZeroDivisionError, OverflowError, ValueError):
-            return None
+            return None, True
     if plan.sweep is not None:
-        return now_ms + sweep_ms
+        return now_ms + sweep_ms, False  # swept: a re-check, not a known change
     predicate = segment.predicate
 
     def member(t: int) -> bool:
@@ -857,51 +952,42 @@ def _segment_deadline(segment: Segment, plan: _Plan, ctx: _Context, sweep_ms: in
                     first = bool(value)
                     top = (hi if probe.reads_now or not probe.reads_aff
                            else min(hi, ctx.settled_keys_at(probe.aff_keys)))
-                    if top > lo and probe.holds(row, ctx, top) != first:
-                        changed = _changed(probe, row, ctx, first)
-                        if probe.threshold is not None and not probe.reads_now:
-                            key = probe.threshold[0]
-                            guess = ctx.falls_to(*probe.threshold) if key in ctx.state.affinity else None
-                            flip = _first_true_near(changed, lo, top, guess)
-                            assert flip is not None  # changed(top) holds
-                        elif probe.reads_aff:
-                            flip = _bisect(changed, lo, top)
-                        else:
-                            flip = _first_true_aligned(changed, lo, top)
-                        flips.add(flip)
-                    elif nxt is None and plan.reads_now and value is not None and first != (probe.direction > 0):
+                    if top > lo and _flip(probe, row, ctx, lo, top, first, flips):
+                        continue
+                    if nxt is None and plan.reads_now and value is not None and first != (probe.direction > 0):
                         unbounded = True  # not at its final value, but no flip within the horizon
             row[TOP] = held
         starts = sorted(flips)  # in time order: the piece from lo, then from each flip
         if free_top:
             found = top_change(lo, starts[0] - 1 if starts else hi)
             if found is not None:
-                return found
+                return found, member(found) != was()  # a capped top search reaches an unchanged instant
         for i, start in enumerate(starts):
             if member(start) != was():
-                return start
+                return start, True
             if free_top:
                 found = top_change(start, starts[i + 1] - 1 if i + 1 < len(starts) else hi)
                 if found is not None:
-                    return found
+                    return found, member(found) != was()
         if done:
-            return None
+            return None, True
         if nxt is None:
-            return hi if unbounded else None
+            return (hi, False) if unbounded else (None, True)
         if member(nxt) != was():
-            return nxt
+            return nxt, True
         lo = nxt
         while index < len(points) and points[index] <= lo:
             index += 1
-    return lo  # cap reached: nothing changes before lo
+    return lo, False  # cap reached: nothing changes before lo (it was checked there)
 
 
 _ORDER: dict[int, tuple[tuple[Segment, ...], list[tuple[Segment, _Plan]]]] = {}
 
 
 def _cost(plan: _Plan) -> tuple[int, int]:
-    """Cheapest first: windows only, then now(), then decaying affinities, then top_category."""
-    return (2 if plan.reads_top else 1 if plan.reads_aff else 0, len(plan.probes))
+    """Cheapest first: now() alone (its answer, usually days away, then bounds the others), windows only,
+    then decaying affinities, then top_category."""
+    return (3 if plan.reads_top else 2 if plan.reads_aff else 1 if not plan.reads_now else 0, len(plan.probes))
 
 
 def _ordered(segments: Sequence[Segment]) -> list[tuple[Segment, _Plan]]:
@@ -945,3 +1031,213 @@ def next_check_at(state: ProfileState, segments: Sequence[Segment], now_ms: int,
             if best <= now_ms + 1:
                 break  # nothing can come earlier
     return best
+
+
+# --- across calls: a segment's answer is kept while its inputs stay the same -------------------------
+
+
+ORDERS = "#orders"  # tokens for the inputs that are not columns: any order, any affinity, one affinity
+ANY_AFFINITY = "#affinity"
+
+
+def _affinity_token(key: str) -> str:
+    return f"#affinity:{key}"
+
+
+@dataclass(frozen=True)
+class _Inputs:
+    """What a segment's next change depends on, besides the instant it is asked at, as tokens: the
+    columns it reads that do not move with time (and consent when it requires it), ORDERS when it reads
+    a window, and the affinities it reads (one token per key, or ANY_AFFINITY for the whole map)."""
+
+    tokens: frozenset[str]
+
+
+@lru_cache(maxsize=4096)
+def _affinity_keys(text: str) -> frozenset[str] | None:
+    """The category_affinity keys a predicate reads, when every use of the map is a subscript or a
+    mapContains with a string literal key; None when it reads the map any other way (its size, its
+    keys, a computed key)."""
+    keys = set()
+    for node in sqlglot.parse_one(text, read="clickhouse").walk():
+        if not _is_affinity(node):
+            continue
+        parent = node.parent
+        if isinstance(parent, exp.Bracket) and parent.this is node and len(parent.expressions) == 1:
+            key = parent.expressions[0]
+        elif (isinstance(parent, exp.Anonymous) and str(parent.this) == "mapContains"
+              and len(parent.expressions) == 2 and parent.expressions[0] is node):
+            key = parent.expressions[1]
+        else:
+            return None
+        if not (isinstance(key, exp.Literal) and key.is_string):
+            return None
+        keys.add(str(key.this))
+    return frozenset(keys)
+
+
+def _inputs_of(segment: Segment, plan: _Plan) -> _Inputs:
+    read = segment.predicate.columns
+    tokens = set(read - TIME_COLUMNS)
+    if segment.requires_consent is not None:
+        tokens.add("consent_marketing")
+    if plan.windows:
+        tokens.add(ORDERS)
+    if TOP in read:
+        tokens.add(ANY_AFFINITY)  # top_category: every category counts
+    elif AFFINITY in read:
+        keys = _affinity_keys(segment.predicate.text)
+        tokens |= {ANY_AFFINITY} if keys is None else {_affinity_token(k) for k in keys}
+    return _Inputs(frozenset(tokens))
+
+
+@dataclass(frozen=True)
+class _SetInputs:
+    plans: list[tuple[Segment, _Plan]]  # the _ordered list they belong to (held: its identity is the check)
+    tokens: tuple[frozenset[str], ...]  # each segment's _Inputs, aligned with plans
+    columns: tuple[str, ...]  # every held column any of them reads
+    orders: bool
+    affinity: bool
+
+
+_SET_INPUTS: dict[int, _SetInputs] = {}
+
+
+def _set_inputs(plans: list[tuple[Segment, _Plan]]) -> _SetInputs:
+    found = _SET_INPUTS.get(id(plans))
+    if found is not None and found.plans is plans:
+        return found
+    tokens = tuple(_inputs_of(segment, plan).tokens for segment, plan in plans)
+    every = set().union(*tokens)
+    found = _SetInputs(plans, tokens, tuple(sorted(t for t in every if not t.startswith("#"))), ORDERS in every,
+                       any(t.startswith(ANY_AFFINITY) for t in every))
+    if len(_SET_INPUTS) > 64:
+        _SET_INPUTS.clear()
+    _SET_INPUTS[id(plans)] = found
+    return found
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Equal as a predicate sees them: same type, and for floats the same sign of zero."""
+    return a == b and type(a) is type(b) and (type(a) is not float or math.copysign(1.0, a) == math.copysign(1.0, b))
+
+
+# (asked at t0, instant or bound, exact): membership is constant on [t0, instant); when exact it differs
+# there; instant None: it never changes
+_Entry = tuple[int, int | None, bool]
+
+
+@dataclass
+class _Memo:
+    inputs: _SetInputs
+    half_life_days: float
+    sweep_ms: int
+    values: tuple[Any, ...]  # of inputs.columns
+    orders: tuple[tuple[float, ...], ...] | None
+    affinity: dict[str, tuple[float, float]] | None
+    entries: list[_Entry | None]  # aligned with inputs.plans
+
+
+def _dirty(info: _SetInputs, memo: _Memo, values: tuple[Any, ...], orders: tuple[tuple[float, ...], ...] | None,
+           affinity: dict[str, tuple[float, float]] | None) -> set[str]:
+    """The tokens of the inputs that differ from the memo's."""
+    dirty = {c for c, a, b in zip(info.columns, values, memo.values, strict=True) if not _same(a, b)}
+    if orders != memo.orders:
+        dirty.add(ORDERS)
+    if affinity != memo.affinity:
+        assert affinity is not None and memo.affinity is not None
+        dirty.add(ANY_AFFINITY)
+        old = memo.affinity
+        dirty.update(_affinity_token(k) for k in affinity.keys() | old.keys() if affinity.get(k) != old.get(k))
+    return dirty
+
+
+class DeadlineCache:
+    """``next_check_at`` for profiles asked again and again (the worker asks once per changed profile
+    per batch): the same answer, reusing per segment what the last call found while that segment's
+    inputs are unchanged.
+
+    A segment's next change depends only on its ``_Inputs`` (the values of the held columns it reads,
+    the orders, some or all affinities) and on the instant it is asked at. So an answer found at t0
+    (membership constant on [t0, d), and different at d when exact) holds at any t1 in [t0, d) if
+    those inputs are equal: the same d, or "not before d" for an answer bounded by a search limit, a
+    sweep, the horizon or a cap (such a segment is searched again only when its bound could be the
+    result). An event changes a few columns (``touched_columns``): most segments are not searched.
+
+    Kept per customer id, at most ``max_profiles`` (least recently asked dropped first); every entry
+    is checked against the profile's current values, never trusted: a miss searches as next_check_at
+    does. Not thread-safe (one per worker's event loop)."""
+
+    def __init__(self, max_profiles: int = 10_000) -> None:
+        self.max_profiles = max_profiles
+        self._memos: dict[str, _Memo] = {}
+        self.reused = 0  # segment answers taken from a previous call
+        self.searched = 0  # segment answers searched
+
+    def __len__(self) -> int:
+        return len(self._memos)
+
+    def clear(self) -> None:
+        self._memos.clear()
+
+    def next_check_at(self, state: ProfileState, segments: Sequence[Segment], now_ms: int, *,
+                      half_life_days: float, sweep_ms: int = 60_000,
+                      row: Mapping[str, Any] | None = None) -> int | None:
+        """As ``next_check_at`` (same arguments, same answer)."""
+        memo = self._memos.pop(state.customer_id, None)
+        plans = _ordered(segments)
+        if not plans:
+            return None
+        info = _set_inputs(plans)
+        if row is None:
+            row = columns(state, now_ms, half_life_days=half_life_days)
+        values = tuple(row.get(c) for c in info.columns)
+        orders = tuple(tuple(o) for o in state.orders) if info.orders else None
+        affinity = {k: (v[0], v[1]) for k, v in state.affinity.items()} if info.affinity else None
+        entries: list[_Entry | None] = [None] * len(plans)
+        best: int | None = None
+        todo: list[int] = []
+        bounded: list[int] = []
+        if (memo is not None and memo.inputs is info and memo.half_life_days == half_life_days
+                and memo.sweep_ms == sweep_ms):
+            dirty = _dirty(info, memo, values, orders, affinity)
+            for i, entry in enumerate(memo.entries):
+                if entry is not None and entry[0] <= now_ms and dirty.isdisjoint(info.tokens[i]):
+                    due = entry[1]
+                    if due is None:
+                        entries[i] = entry  # never changes
+                        continue
+                    if due > now_ms:
+                        entries[i] = entry
+                        if not entry[2]:
+                            bounded.append(i)
+                        elif best is None or due < best:
+                            best = due
+                        continue
+                todo.append(i)
+            self.reused += len(plans) - len(todo)
+        else:
+            todo = list(range(len(plans)))
+        ctx: _Context | None = None
+        # then the segments to search (cheapest first), then those whose bound could be the result
+        for i in todo + bounded:
+            if best is not None and best <= now_ms + 1:
+                break  # nothing can come earlier
+            entry = entries[i]
+            if entry is not None and entry[1] is not None and best is not None and entry[1] >= best:
+                continue  # not before its bound, which is not before the best: it cannot be the result
+            if ctx is None:
+                ctx = _Context(state, now_ms, half_life_days, row)
+            segment, plan = plans[i]
+            due, exact = _segment_walk(segment, plan, ctx, sweep_ms, best)
+            self.searched += 1
+            if due is None:  # never, or (searched up to best) not before best
+                entries[i] = (now_ms, best, False) if best is not None else (now_ms, None, True)
+            else:
+                entries[i] = (now_ms, due, exact)
+                if best is None or due < best:
+                    best = due
+        self._memos[state.customer_id] = _Memo(info, half_life_days, sweep_ms, values, orders, affinity, entries)
+        if len(self._memos) > self.max_profiles:
+            del self._memos[next(iter(self._memos))]
+        return best

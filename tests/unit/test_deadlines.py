@@ -362,7 +362,7 @@ def test_window_breakpoints_match_columns(days):
 BENCH_50 = load_segments(Path(__file__).resolve().parents[2] / "benchmarks" / "segments_50.yaml")
 
 
-def _plain_search(pred, lo, hi, guess):  # the guided search with no guess: plain bisection
+def _plain_search(pred, lo, hi, guess, **_):  # the guided search with no guess: plain bisection
     return deadlines._first_true(pred, lo, hi)
 
 
