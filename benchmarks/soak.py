@@ -2,7 +2,8 @@
 
     .venv/bin/python benchmarks/soak.py [--minutes 10] [--rate 300] [--partitions 4]
         [--customers 5000] [--warmup 2] [--out benchmarks/results/soak.json]
-        [--store rocksdb://] [--debug-memory [--tracemalloc FRAMES]]
+        [--store rocksdb://] [--debug-memory [--tracemalloc FRAMES]] [--env NAME=VALUE ...]
+        [--drain-minutes 10]
 
 Starts the embedded broker and one ``python -m pipeline worker`` (RocksDB store, the built-in
 segments, wall clock, an HTTP port, the ClickHouse sink on chDB), then produces
@@ -20,8 +21,12 @@ Each sample also splits the worker's RSS into anonymous and file-backed pages (R
 the chDB engine's 550 MB shared library is file-backed, paged in on first use and not a leak) and
 records the machine's load average. ``--debug-memory`` runs the worker under
 ``python -m pipeline.memdebug`` (the same worker plus a sampler thread, pipeline/memdebug.py):
-RocksDB memtables and block cache, the chDB engine's own accounting, glibc's heap and, with
-``--tracemalloc``, the Python source lines that grew; those samples go into ``--out`` too.
+RocksDB memtables and block cache, the chDB engine's own accounting and allocator (jemalloc), glibc's
+heap and thread arenas, the chDB child process's mappings and, with ``--tracemalloc``, the Python
+source lines that grew; those samples go into ``--out`` too. The worker's child processes (chDB runs
+in one) are sampled with it: ``children_rss_mib`` and ``total_rss_mib``, whose slope the verdict
+gives as well. ``--env`` adds variables to the worker's environment for allocator experiments
+(``MALLOC_ARENA_MAX``, ``MALLOC_CONF`` for chDB's jemalloc, ``PIPELINE_DEBUG_MALLOC_TRIM=1``).
 
 Written: the time series and the verdict to ``--out`` (JSON). The verdict line gives the memory
 growth per minute after the warm-up (least-squares slope of RSS), the maximum and p99 lag, and
