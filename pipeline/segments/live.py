@@ -19,13 +19,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from pipeline.errors import DefinitionError
 from pipeline.processor import Config, StepResult, advance, reevaluate, schedule, to_datetime
-from pipeline.profile import ProfileState, columns
+from pipeline.profile import DAY_MS, WINDOWS_DAYS, ProfileState, _ms_to_dt, affinities, columns
+from pipeline.segments.columns import PROFILE_COLUMNS
 from pipeline.segments.deadlines import next_check_at
 from pipeline.segments.definitions import Segment, parse_segments
 from pipeline.segments.membership import diff, evaluate
@@ -173,6 +174,7 @@ class SetChange:
     """What a profile evaluated under an older set needs to be exact under the set in force."""
 
     evaluate: list[Segment]  # added or edited (or reading SELF_COLUMNS): evaluated afresh
+    reads: frozenset[str]  # the columns they read (and consent, which gates membership)
     ids: frozenset[str]  # their ids
     defined: frozenset[str]  # every id of the set in force (a member of any other id exits)
     removed: frozenset[str]  # ids of the older set that are gone or edited
@@ -190,7 +192,8 @@ def set_change(old: Sequence[Segment], new: Sequence[Segment]) -> SetChange:
               or s.predicate.columns & SELF_COLUMNS]
     now = {s.id: definition_fingerprint(definition_record(s)) for s in new}
     removed = frozenset(sid for sid, fp in before.items() if now.get(sid) != fp)
-    return SetChange(chosen, frozenset(s.id for s in chosen), frozenset(now), removed)
+    reads = frozenset({"consent_marketing"}.union(*(s.predicate.columns for s in chosen)))
+    return SetChange(chosen, reads, frozenset(s.id for s in chosen), frozenset(now), removed)
 
 
 class SetHistory:
@@ -225,6 +228,64 @@ class SetHistory:
                 self._changes.clear()
             cached = self._changes[(old, new)] = set_change(self._sets[old], self._sets[new])
         return cached
+
+
+def _window(state: ProfileState, now_ms: int, days: int) -> tuple[int, float]:
+    start = now_ms - days * DAY_MS
+    inside = [o for o in state.orders if start < o[0] <= now_ms]
+    return sum(int(o[2]) for o in inside), round(sum(o[1] for o in inside), 2)
+
+
+def _window_column(days: int, which: int) -> Callable[[ProfileState, int, float], Any]:
+    return lambda s, t, h: _window(s, t, days)[which]
+
+
+def _survey_sets(state: ProfileState) -> tuple[list[str], list[str]]:
+    interests: set[str] = set()
+    motivations: set[str] = set()
+    for _, survey_interests, survey_motivations in state.surveys.values():
+        interests.update(survey_interests)
+        motivations.update(survey_motivations)
+    return sorted(interests), sorted(motivations)
+
+
+# What profile.columns gives for these columns, one at a time (a backfill evaluates one new segment:
+# computing all 38 columns was a fifth of the scan). tests/unit/test_live.py checks each against
+# profile.columns; a column not listed here means the full row.
+_ONE_COLUMN: dict[str, Callable[[ProfileState, int, float], Any]] = {
+    "customer_id": lambda s, t, h: s.customer_id,
+    "first_seen_at": lambda s, t, h: _ms_to_dt(s.first_seen_at),
+    "last_seen_at": lambda s, t, h: _ms_to_dt(s.last_seen_at),
+    "events_count": lambda s, t, h: s.events_count,
+    "sessions_count": lambda s, t, h: s.sessions_count,
+    "page_views_count": lambda s, t, h: s.page_views_count,
+    "product_views_count": lambda s, t, h: s.product_views_count,
+    "cart_adds_count": lambda s, t, h: s.cart_adds_count,
+    "orders_count": lambda s, t, h: s.orders_count,
+    "lifetime_value": lambda s, t, h: round(s.lifetime_value, 2),
+    "first_purchase_at": lambda s, t, h: _ms_to_dt(s.first_purchase_at),
+    "last_purchase_at": lambda s, t, h: _ms_to_dt(s.last_purchase_at),
+    **{f"orders_{d}d": _window_column(d, 0) for d in WINDOWS_DAYS},
+    **{f"spend_{d}d": _window_column(d, 1) for d in WINDOWS_DAYS},
+    "category_affinity": lambda s, t, h: affinities(s, t, h),
+    "email_opens_count": lambda s, t, h: s.email_opens_count,
+    "email_clicks_count": lambda s, t, h: s.email_clicks_count,
+    "unsubscribed": lambda s, t, h: bool(s.unsubscribed[1]),
+    "open_tickets_count": lambda s, t, h: len(s.open_tickets),
+    "nps": lambda s, t, h: s.nps[1],
+    "survey_interests": lambda s, t, h: _survey_sets(s)[0],
+    "survey_motivations": lambda s, t, h: _survey_sets(s)[1],
+    "surveys_count": lambda s, t, h: s.surveys_count,
+    "loyalty_tier": lambda s, t, h: s.loyalty_tier[1],
+    "consent_marketing": lambda s, t, h: s.consent_marketing[1],
+}
+
+
+def columns_for(state: ProfileState, now_ms: int, needed: frozenset[str], half_life_days: float) -> dict[str, Any]:
+    """profile.columns restricted to ``needed`` (the whole row when one of them is not in _ONE_COLUMN)."""
+    if not needed <= _ONE_COLUMN.keys():
+        return columns(state, now_ms, half_life_days=half_life_days)
+    return {name: _ONE_COLUMN[name](state, now_ms, half_life_days) for name in needed}
 
 
 @dataclass
@@ -262,12 +323,14 @@ def backfill(state: ProfileState, now_ms: int, segments: Sequence[Segment], fing
         schedule(state, now_ms, segments, config)
         row = second.row if second.row is not None else first.row
         return Backfill(StepResult(state, first.changes + second.changes, row), True, state.next_check_at, full=True)
-    row = columns(state, now_ms, half_life_days=config.half_life_days)
+    row = columns_for(state, now_ms, change.reads, config.half_life_days)
     at = to_datetime(now_ms)
     members = evaluate(row, change.evaluate, at)
     members |= {sid for sid in state.segments if sid not in change.ids and sid in change.defined}
     changes = []
     if members != set(state.segments):
+        if len(row) < len(PROFILE_COLUMNS):  # the profile row is sent: every column
+            row = columns(state, now_ms, half_life_days=config.half_life_days)
         state.version += 1
         state.updated_at = now_ms
         changes = diff(state.segments, members, customer_id=state.customer_id, at=now_ms, version=state.version,

@@ -188,3 +188,17 @@ def test_an_unknown_older_set_means_a_full_evaluation():
     assert first not in history
     assert history.change(first, set_fingerprint(B)) is None
     assert history.change(None, set_fingerprint(B)) is None
+
+
+def test_the_columns_a_backfill_computes_are_those_of_profile_columns():
+    from pipeline.profile import DAY_MS, columns
+    from pipeline.segments.columns import PROFILE_COLUMNS
+    from pipeline.segments.live import columns_for
+
+    profiles, now = _profiles()
+    for state in profiles[:60]:
+        for at in (now, now + 40 * DAY_MS):
+            full = columns(state, at, half_life_days=30.0)
+            for name in PROFILE_COLUMNS:
+                assert columns_for(state, at, frozenset({name}), 30.0)[name] == full[name], name
+            assert columns_for(state, at, frozenset(PROFILE_COLUMNS), 30.0) == full
