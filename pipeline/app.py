@@ -12,7 +12,8 @@ everything before them was processed and flushed.
 from __future__ import annotations
 
 import asyncio
-import heapq
+import bisect
+import itertools
 import json
 import logging
 import time
@@ -137,6 +138,7 @@ class PartitionedStore:
     def __init__(self, table: Any) -> None:
         self.table = table
         self._pins: dict[int, Any] = {}  # partition -> weak reference to its stand-in, kept alive here
+        self._scan_keys: dict[int, list[bytes]] = {}  # memory://: a scan's sorted keys, per partition
 
     def _pin(self, partition: int) -> None:
         pin = self._pins.get(partition)
@@ -174,10 +176,22 @@ class PartitionedStore:
                 if len(out) >= limit:
                     break
             return out
-        # memory: one dict; the partition is the key's under the default partitioner
-        keys = heapq.nsmallest(limit, (k for k, v in data.data.items() if v and (after is None or k > after)
-                                       and partition_for_key(k, partitions) == partition))
-        return [(k, data.data[k]) for k in keys]
+        # memory: one dict; the partition is the key's under the default partitioner. The partition's
+        # keys are sorted once per scan (a chunk each time would make a scan quadratic in the profiles);
+        # a key added meanwhile is a profile folded under the current set, which needs no check.
+        keys = self._scan_keys.get(partition)
+        if after is None or keys is None:
+            keys = self._scan_keys[partition] = sorted(
+                k for k, v in data.data.items() if v and partition_for_key(k, partitions) == partition)
+        out = []
+        for k in itertools.islice(keys, bisect.bisect_right(keys, after) if after is not None else 0, None):
+            v = data.data.get(k)
+            if v:
+                out.append((k, v))
+                if len(out) >= limit:
+                    return out
+        del self._scan_keys[partition]  # the partition's end
+        return out
 
 
 def _encode_state(state: ProfileState) -> bytes:
@@ -1025,32 +1039,15 @@ def create_app(settings: Settings, segments: Sequence[Segment], *, live_definiti
 
     # The stateless stages read whole batches outside faust's per-message dispatch (see
     # pipeline.broker.batches); each has its own consumer group and commits after its handler.
-    from prometheus_client import Counter as PromCounter
-
-    # Batches per stage (the profile stage's are evaluation_seconds_count): costs that scale with
-    # the number of batches rather than of events show up as small batches (benchmarks/bench_latency.py).
-    stage_batches = PromCounter("stage_batches", "Batches handled per batched stage.", ["stage"], namespace="pipeline",
-                            registry=metrics.registry)
-    stage_records = PromCounter("stage_records", "Records in the batches of each batched stage.", ["stage"],
-                            namespace="pipeline", registry=metrics.registry)
-
-    def counted(stage: str) -> Any:
-        batches, records = stage_batches.labels(stage=stage), stage_records.labels(stage=stage)
-
-        def on_batch(size: int) -> None:
-            batches.inc()
-            records.inc(size)
-        return on_batch
-
     groups = [
         BatchConsumer(bootstrap_servers=settings.bootstrap_servers, group_id=f"{settings.app_id}-ingest",
                       topics=[settings.topic(n) for n in t.INPUTS], max_records=settings.batch_size,
                       max_wait_s=settings.batch_seconds, options=settings.aiokafka_options(),
-                      on_batch=counted("ingest")),
+                      on_batch=metrics.stage_batch_counter("ingest")),
         BatchConsumer(bootstrap_servers=settings.bootstrap_servers, group_id=f"{settings.app_id}-clickhouse",
                       topics=[changes_name, profiles_name, dead_name, folded_name],
                       max_records=settings.sink_batch_size, max_wait_s=settings.sink_batch_seconds, fill=True,
-                      options=settings.aiokafka_options(), on_batch=counted("clickhouse")),
+                      options=settings.aiokafka_options(), on_batch=metrics.stage_batch_counter("clickhouse")),
     ]
     stage_lags.extend(group.lag for group in groups)
 

@@ -65,6 +65,12 @@ class Metrics:
                                             buckets=SINK_SECONDS_BUCKETS)
         self.sink_batch_rows = Histogram("sink_batch_rows", "Rows in one ClickHouse batch write.", namespace=ns,
                                          registry=reg, buckets=SINK_ROWS_BUCKETS)
+        # Costs that scale with the number of batches rather than of events show up as small batches
+        # (benchmarks/bench_latency.py); the profile stage's batches are evaluation_seconds_count.
+        self.stage_batches = Counter("stage_batches", "Batches handled per batched stage.", ["stage"], namespace=ns,
+                                     registry=reg)
+        self.stage_records = Counter("stage_records", "Records in the batches of each batched stage.", ["stage"],
+                                     namespace=ns, registry=reg)
 
     # counters ------------------------------------------------------------------------
 
@@ -133,6 +139,15 @@ class Metrics:
         """One ClickHouse batch of ``rows`` rows was written in ``seconds``."""
         self.sink_batch_seconds.observe(seconds)
         self.sink_batch_rows.observe(rows)
+
+    def stage_batch_counter(self, stage: str) -> Callable[[int], None]:
+        """A callback counting one handled batch of ``size`` records of a batched ``stage``."""
+        batches, records = self.stage_batches.labels(stage=stage), self.stage_records.labels(stage=stage)
+
+        def on_batch(size: int) -> None:
+            batches.inc()
+            records.inc(size)
+        return on_batch
 
     # exposition ----------------------------------------------------------------------
 
