@@ -42,11 +42,32 @@ KILLS = 6
 START = int(datetime(2025, 1, 1, tzinfo=UTC).timestamp() * 1000)
 
 
-def _steadily(feeder: Feeder, messages: list, chunks: list) -> None:
-    for chunk in chunks:
-        feeder.send((i, messages[i]) for i in chunk)
-        feeder.producer.flush()
-        time.sleep(0.2)
+class _Steadily(threading.Thread):
+    """Sends the chunks 0.2 s apart, each flushed; an error is kept for the test to raise (a
+    thread's exception would otherwise only be printed, and the unsent messages look lost)."""
+
+    def __init__(self, feeder: Feeder, messages: list, chunks: list) -> None:
+        super().__init__(daemon=True)
+        self.feeder, self.messages, self.chunks = feeder, messages, chunks
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            for chunk in self.chunks:
+                self.feeder.send((i, self.messages[i]) for i in chunk)
+                self.feeder.producer.flush()
+                time.sleep(0.2)
+        except BaseException as exc:  # noqa: BLE001 - re-raised by _finished in the test's thread
+            self.error = exc
+
+
+def _finished(producer: _Steadily) -> None:
+    """The steady producer sent and flushed all its chunks (it shares the feeder with the next
+    phase's first chunk and with the end markers, which must come after every data message)."""
+    producer.join(timeout=300)
+    assert not producer.is_alive(), "the steady producer did not finish within 300 s"
+    if producer.error is not None:
+        raise producer.error
 
 
 def _history(records: list, customers: set[str]) -> str:
@@ -72,12 +93,12 @@ def _where_lost(worker: Worker, messages: list, sent: list, customers: set[str])
     stage apart (the broker is still up: the topics outlive the worker)."""
     on_input: dict[tuple[str, int, int], bytes | None] = {}
     for name in t.INPUTS:
-        consumer = consumer_for(worker, name)
+        consumer = consumer_for(worker, name, timeout_ms=5000)  # a diagnosis: read to the very end
         try:
             on_input.update({(m.topic, m.partition, m.offset): m.value for m in consumer})
         finally:
             consumer.close()
-    consumer = consumer_for(worker, t.CUSTOMER_EVENTS)
+    consumer = consumer_for(worker, t.CUSTOMER_EVENTS, timeout_ms=5000)
     try:
         ingested = {decode_event(m.value).event_id: (m.partition, m.offset) for m in consumer
                     if m.value and control_kind(m.headers) is None and not dict(m.headers or ()).get(OP_HEADER)}
@@ -121,17 +142,19 @@ def test_sigkill_mid_stream_loses_and_doubles_nothing(broker, unique, tmp_path):
             while count_records(worker, "segment-changes") == before and time.monotonic() < deadline:
                 assert worker.alive, worker.log()
                 time.sleep(0.2)
-            producer = threading.Thread(target=_steadily, args=(feeder, messages, chunks[1:]), daemon=True)
+            producer = _Steadily(feeder, messages, chunks[1:])
             producer.start()
             if phase == KILLS:
                 break
             time.sleep(rng.uniform(0.2, 0.2 * len(chunks)))
             moments.append(len(feeder._futures))
             worker.kill()
-            producer.join(timeout=60)
+            _finished(producer)
             time.sleep(rng.uniform(0.0, 1.0))
             worker.start()
-        producer.join(timeout=60)
+        # Every data message is acknowledged before the end markers are sent: a message sent after
+        # them would be processed after the run's "done" and look exactly like a lost event.
+        _finished(producer)
         sent = feeder.flush()
         run_id = feeder.send_markers(truth.watermark)
         feeder.close()
