@@ -206,7 +206,8 @@ async def take_events(stream: Any, max_: int, within: float, linger: float) -> A
     trickle every event waited up to ``within``, 50 ms, for the window to end), closes ``linger``
     later if nothing more is queued, and grows while events are queued — when the stage is behind
     — up to ``within`` after the first event or ``max_`` events. Events are acked after the batch's
-    body ran, as faust's does (offsets are committed only after the sends completed).
+    body returned (offsets are committed only after the sends completed), and not at all when it
+    raised or was cancelled (they are consumed again after a rebalance or restart).
 
     Uses the same stream hooks as faust's own implementation (a processor fills the buffer from
     the stream's passive drainer; it waits while a batch is being handled)."""
@@ -259,13 +260,20 @@ async def take_events(stream: Any, max_: int, within: float, linger: float) -> A
                     break
                 await stream.wait_for_stopped(full, timeout=max(0.001, min(linger, within - elapsed)))
             consuming = loop.create_future()
+            handled = False
             try:
                 yield list(events)
+                handled = True  # resumed: the caller's body for this batch returned
             finally:
                 taken = list(events)
                 events.clear()
-                for event in taken:
-                    await stream.ack(event)
+                # Acked (and so committed) only once the body returned. A body that raised or was
+                # cancelled closes this generator at the yield: acking then would commit events that
+                # were never folded. Unacked, they hold the partition's commit back and are consumed
+                # again after the next rebalance or restart (at-least-once; folding is idempotent).
+                if handled:
+                    for event in taken:
+                        await stream.ack(event)
                 if consuming is not None and not consuming.done():
                     consuming.set_result(None)  # let the drainer add to the next batch
                 arrived.clear()
