@@ -12,6 +12,8 @@ from collections import Counter
 from datetime import UTC, datetime
 from random import Random
 
+from kafka.admin import KafkaAdminClient
+
 from pipeline.broker import topics as t
 from pipeline.codecs import decode_change, decode_event
 from pipeline.control import control_kind
@@ -104,20 +106,34 @@ def _where_lost(worker: Worker, messages: list, sent: list, customers: set[str])
                     if m.value and control_kind(m.headers) is None and not dict(m.headers or ()).get(OP_HEADER)}
     finally:
         consumer.close()
+    # Where the ingest stage's group says it got to: a lost event below its partition's committed
+    # offset was passed over by ingest (or its output lost by the broker); above it, never handled.
+    group = f"{worker.env['PIPELINE_APP_ID']}-ingest"
+    admin = KafkaAdminClient(bootstrap_servers=worker.broker.bootstrap)
+    try:
+        committed = {(tp.topic, tp.partition): meta.offset
+                     for tp, meta in admin.list_group_offsets(group).get(group, {}).items()}
+    finally:
+        admin.close()
     lines, where = [], {s.index: s for s in sent}
+    unsent = 0  # not acknowledged before the end markers were sent (a test fault, not the pipeline's)
     for index, message in enumerate(messages):
         event = decode(message.source, message.value, now_ms=int(time.time() * 1000))
-        if isinstance(event, DeadLetter) or index not in where:
+        if isinstance(event, DeadLetter):
             continue
         key = routing_key(customer_id=event.customer_id, loyalty_id=event.loyalty_id,
                           email_hash=event.email_hash, anonymous_id=event.anonymous_id)
         if key not in customers or event.event_id in ingested:
             continue
+        if index not in where:
+            unsent += 1
+            continue
         at = where[index]
         lines.append(f"  #{index} {event.event_id} of {key}: {at.topic}[{at.partition}]@{at.offset} "
                      f"on the input topic: {on_input.get((at.topic, at.partition, at.offset)) == message.value}, "
-                     f"on customer-events: no")
-    return f"{len(lines)} events of these customers never reached customer-events:\n" + "\n".join(lines[:60])
+                     f"on customer-events: no, ingest committed up to {committed.get((at.topic, at.partition))}")
+    return (f"{len(lines)} events of these customers never reached customer-events ({unsent} more were not "
+            f"acknowledged before the end markers):\n" + "\n".join(lines[:60]))
 
 
 def test_sigkill_mid_stream_loses_and_doubles_nothing(broker, unique, tmp_path):
