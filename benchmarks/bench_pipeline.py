@@ -442,7 +442,8 @@ def main() -> None:
         print(_summary(name, result))
     if "c_pipeline" in variants:
         c = variants["c_pipeline"]
-        print(f"(c) includes the ClickHouse (chDB) sink (the worker with its chDB child process); up to the last change emitted on "
+        print("(c) includes the ClickHouse (chDB) sink (the worker with its chDB child process); "
+              "up to the last change emitted on "
               f"segment-changes: {c['emitted_events_per_s']:,.0f} events/s; changes {c['changes']}")
     for name in ("d_quix", "d_quix_with_schedule"):
         if name in variants:
