@@ -438,7 +438,8 @@ def create_app(settings: Settings, segments: Sequence[Segment], *, live_definiti
         once and written back once, at the end (one changelog message per changed key)."""
 
         def __init__(self) -> None:
-            self.profiles: dict[bytes, tuple[int, ProfileState | None, int, str]] = {}  # (partition, state, at, op)
+            # (partition, state, at, op, columns evaluated at ``at`` or None)
+            self.profiles: dict[bytes, tuple[int, ProfileState | None, int, str, dict[str, Any] | None]] = {}
             self.aliases: dict[bytes, tuple[int, Alias | None]] = {}
             self.sends: list[Any] = []
             self.events: dict[bytes, list[dict[str, Any]]] = {}  # folded in this batch, per profile key
@@ -452,8 +453,16 @@ def create_app(settings: Settings, segments: Sequence[Segment], *, live_definiti
                 return self.profiles[key][1]
             return _decode_state(store.get(key, partition))
 
-        def set_profile(self, key: bytes, partition: int, state: ProfileState | None, at: int, op: str = "") -> None:
-            self.profiles[key] = (partition, state, at, op)
+        def set_profile(self, key: bytes, partition: int, state: ProfileState | None, at: int, op: str = "",
+                        row: dict[str, Any] | None = None) -> None:
+            self.profiles[key] = (partition, state, at, op, row)
+
+        def evaluated(self, key: bytes) -> tuple[int, dict[str, Any] | None]:
+            """When the profile stepped in this batch was last evaluated, and the columns it had then
+            (for ``schedule``: None if the state moved on since)."""
+            _, state, at, _, row = self.profiles[key]
+            fresh = row is not None and state is not None and row.get("version") == state.version
+            return at, row if fresh else None
 
         def alias(self, key: bytes, partition: int) -> Alias | None:
             if key in self.aliases:
@@ -519,7 +528,7 @@ def create_app(settings: Settings, segments: Sequence[Segment], *, live_definiti
                                for key, (partition, alias) in b.aliases.items()]
         for key, folded in b.events.items():
             sends.append(await produce(folded_name, key, value=json.dumps(folded, separators=(",", ":")).encode()))
-        for key, (partition, state, evaluated_at, _) in b.profiles.items():
+        for key, (partition, state, _, _, _) in b.profiles.items():
             if state is None:  # absorbed or erased (its tombstones went out when it happened)
                 timers.put(partition, key, None)
                 writes.append((store, key, partition, None))
@@ -527,7 +536,8 @@ def create_app(settings: Settings, segments: Sequence[Segment], *, live_definiti
             # Schedule from the instant this profile was last evaluated, then catch up on what
             # fell due while the rest of the batch moved the clock on.
             state.definitions = definitions.fingerprint
-            schedule(state, evaluated_at, definitions.current, config)
+            evaluated_at, row = b.evaluated(key)
+            schedule(state, evaluated_at, definitions.current, config, row=row)
             await emit(key, advance(state, clock.now_ms(partition), definitions.current, config), sends, b.rows)
             timers.put(partition, key, state.next_check_at)
             writes.append((store, key, partition, _encode_state(state)))
@@ -584,7 +594,8 @@ def create_app(settings: Settings, segments: Sequence[Segment], *, live_definiti
         if key in b.profiles:
             # Stepped earlier in this batch: its next instant is computed at the end of the batch,
             # but this evaluation needs what time changed in between applied.
-            schedule(state, b.profiles[key][2], definitions.current, config)
+            evaluated_at, row = b.evaluated(key)
+            schedule(state, evaluated_at, definitions.current, config, row=row)
         horizon = max(now_ms, clock.now_ms(partition)) if clock.mode == "event" else now_ms
         if state.next_check_at is not None and state.next_check_at <= horizon:
             await emit(key, advance(state, horizon, definitions.current, config), b.sends, b.rows)
@@ -625,7 +636,7 @@ def create_app(settings: Settings, segments: Sequence[Segment], *, live_definiti
         if result.duplicate:
             metrics.duplicate()
             return
-        b.set_profile(key, partition, result.state, now_ms)
+        b.set_profile(key, partition, result.state, now_ms, row=result.evaluated)
         await emit(key, result, b.sends, b.rows)
         if settings.store_events:
             b.events.setdefault(key, []).append(customer_event.to_dict())
@@ -672,7 +683,7 @@ def create_app(settings: Settings, segments: Sequence[Segment], *, live_definiti
         result = absorb(state, name, absorbed, command.source, now_ms, definitions.current, config)
         if result.duplicate:
             return
-        b.set_profile(key, partition, result.state, now_ms)
+        b.set_profile(key, partition, result.state, now_ms, row=result.evaluated)
         await emit(key, result, b.sends, b.rows)
 
     async def _on_erase(b: Batch, key: bytes, partition: int, command: Command) -> None:

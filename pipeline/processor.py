@@ -32,6 +32,9 @@ class StepResult:
     changes: list[SegmentChange] = field(default_factory=list)
     row: dict[str, Any] | None = None  # the profile's columns, when it changed
     duplicate: bool = False
+    # The columns the evaluation computed at its instant, also when nothing changed: what schedule()
+    # needs next (pass it as ``row=``) instead of computing them again.
+    evaluated: dict[str, Any] | None = None
 
 
 # One per process (the worker's profile stage runs on one event loop): bounded, checked on every use.
@@ -99,13 +102,10 @@ def schedule(state: ProfileState, now_ms: int, segments: Sequence[Segment], conf
     """Set and return the next instant after ``now_ms`` at which the memberships may change with
     no new event (None: never). Call after the profile was evaluated at ``now_ms``.
 
-    ``row``: its columns at ``now_ms``, when the caller has them; otherwise those the last evaluation
-    of this very state computed are reused if nothing changed it since (same version, same instant),
-    else they are computed. The answer is ``deadlines.next_check_at``'s, found incrementally
-    (``DEADLINES``: segments whose inputs did not change since the profile's last call keep their
-    answer)."""
-    if row is None:
-        row = _recall_row(state, now_ms)
+    ``row``: its columns at ``now_ms``, when the caller has them (``StepResult.evaluated`` of the
+    evaluation at ``now_ms``, if nothing changed the state since); otherwise they are computed. The
+    answer is ``deadlines.next_check_at``'s, found incrementally (``DEADLINES``: segments whose inputs
+    did not change since the profile's last call keep their answer)."""
     due = DEADLINES.next_check_at(state, segments, now_ms, half_life_days=config.half_life_days,
                                   sweep_ms=config.sweep_ms, row=row)
     if due is not None and due <= now_ms:
@@ -124,7 +124,7 @@ def advance(state: ProfileState, until_ms: int, segments: Sequence[Segment], con
         result = reevaluate(state, due, segments, config)
         changes += result.changes
         row = result.row if result.row is not None else row
-        due = schedule(state, due, segments, config)
+        due = schedule(state, due, segments, config, row=result.evaluated)
     return StepResult(state, changes, row)
 
 
@@ -157,30 +157,6 @@ def release(state: ProfileState, now_ms: int, *, cause: str) -> StepResult:
     return StepResult(state, changes)
 
 
-# The columns the last evaluations computed, per state object, for schedule() right after (it needs the
-# same row): (state, instant, version, row). Valid only while the state's version is unchanged (every
-# change to a column bumps it) and for that instant; popped when used, the oldest dropped past the bound.
-_ROWS: dict[int, tuple[ProfileState, int, int, dict[str, Any]]] = {}
-_ROWS_MAX = 4096
-
-
-def _remember_row(state: ProfileState, now_ms: int, row: dict[str, Any]) -> None:
-    _ROWS.pop(id(state), None)  # re-inserted last: the oldest stay first
-    _ROWS[id(state)] = (state, now_ms, state.version, row)
-    if len(_ROWS) > _ROWS_MAX:
-        del _ROWS[next(iter(_ROWS))]
-
-
-def _recall_row(state: ProfileState, now_ms: int) -> dict[str, Any] | None:
-    found = _ROWS.pop(id(state), None)
-    if found is None or found[0] is not state or found[1] != now_ms or found[2] != state.version:
-        return None
-    row = found[3]
-    if row.get("version") != state.version or row.get("segments") != sorted(state.segments):
-        return None  # changed by its receiver since
-    return row
-
-
 def _reevaluate(state: ProfileState, now_ms: int, segments: Sequence[Segment], config: Config, *,
                 cause: str, bump: bool = False, only: Affected | None = None) -> StepResult:
     row = columns(state, now_ms, half_life_days=config.half_life_days)
@@ -190,8 +166,7 @@ def _reevaluate(state: ProfileState, now_ms: int, segments: Sequence[Segment], c
         members = evaluate(row, only.segments, to_datetime(now_ms))
         members |= {sid for sid in state.segments if sid not in only.ids and sid in only.defined}
     if bump and members == set(state.segments):
-        _remember_row(state, now_ms, row)
-        return StepResult(state)
+        return StepResult(state, evaluated=row)
     if bump:
         state.version += 1
         state.updated_at = now_ms
@@ -205,5 +180,4 @@ def _reevaluate(state: ProfileState, now_ms: int, segments: Sequence[Segment], c
         else:
             state.segments.pop(change.segment_id, None)
     row["segments"] = sorted(state.segments)
-    _remember_row(state, now_ms, row)
-    return StepResult(state, changes, row)
+    return StepResult(state, changes, row, evaluated=row)

@@ -320,7 +320,7 @@ def backfill(state: ProfileState, now_ms: int, segments: Sequence[Segment], fing
         first = advance(state, now_ms, segments, config)
         second = reevaluate(state, now_ms, segments, config, cause="definition_changed")
         state.definitions = fingerprint
-        schedule(state, now_ms, segments, config)
+        schedule(state, now_ms, segments, config, row=second.evaluated)
         row = second.row if second.row is not None else first.row
         return Backfill(StepResult(state, first.changes + second.changes, row), True, state.next_check_at, full=True)
     row = columns_for(state, now_ms, change.reads, config.half_life_days)

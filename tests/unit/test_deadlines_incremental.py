@@ -178,20 +178,22 @@ def test_the_cache_is_bounded():
     assert len(cache) == 3
 
 
-def test_schedule_reuses_the_row_of_the_evaluation_only_while_the_state_is_unchanged():
+def test_a_step_hands_schedule_the_columns_it_evaluated():
+    """``StepResult.evaluated`` is the row at the step's instant (also when nothing changed), and
+    schedule() given it answers as schedule() computing the row itself."""
     config = Config()
     state = step(None, "c1", Event(event_id="o", source="pos", type="purchase", occurred_at=T0, customer_id="c1",
                                    total=10.0, channel="store"), T0, DEFAULT, config).state
-    assert processor._recall_row(state, T0 + 1) is None  # another instant
-    state = step(state, "c1", Event(event_id="c", source="clickstream", type="page_view", occurred_at=T0,
-                                    customer_id="c1", category="books"), T0, DEFAULT, config).state
-    row = processor._recall_row(state, T0)
-    assert row == columns(state, T0, half_life_days=config.half_life_days)
-    assert processor._recall_row(state, T0) is None  # taken once
-    step(state, "c1", Event(event_id="d", source="clickstream", type="page_view", occurred_at=T0,
-                            customer_id="c1", category="books"), T0, DEFAULT, config)
-    state.version += 1  # changed since (as any fold does)
-    assert processor._recall_row(state, T0) is None
+    result = step(state, "c1", Event(event_id="c", source="clickstream", type="page_view", occurred_at=T0,
+                                     customer_id="c1", category="books"), T0, DEFAULT, config)
+    assert result.evaluated == columns(result.state, T0, half_life_days=config.half_life_days)
+    later = T0 + 3 * DAY_MS
+    unchanged = processor.reevaluate(result.state, later, DEFAULT, config)
+    assert unchanged.row is None or unchanged.changes
+    assert unchanged.evaluated == columns(result.state, later, half_life_days=config.half_life_days)
+    copy = ProfileState.from_dict(result.state.to_dict())
+    given = schedule(result.state, later, DEFAULT, config, row=unchanged.evaluated)
+    assert given == schedule(copy, later, DEFAULT, config)
 
 
 def test_dateDiff_guess_lands_on_the_flip():
