@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import bisect
 import itertools
-import json
 import logging
 import time
 import uuid
@@ -483,7 +482,7 @@ def create_app(settings: Settings, segments: Sequence[Segment], *, live_definiti
             if op == "erase":  # subscribers and ClickHouse forget its changes (after its exits) and events
                 folded = self.events.pop(key, None)
                 if folded:
-                    self.sends.append(await produce(folded_name, key, value=json.dumps(folded).encode()))
+                    self.sends.append(await produce(folded_name, key, value=codecs.encode_folded(folded)))
                 self.sends.append(await produce(changes_name, key, value=None, headers=tombstone))
                 self.sends.append(await produce(folded_name, key, value=None, headers=tombstone))
 
@@ -527,7 +526,7 @@ def create_app(settings: Settings, segments: Sequence[Segment], *, live_definiti
         writes: list[Write] = [(aliases, key, partition, alias.encode() if alias is not None else None)
                                for key, (partition, alias) in b.aliases.items()]
         for key, folded in b.events.items():
-            sends.append(await produce(folded_name, key, value=json.dumps(folded, separators=(",", ":")).encode()))
+            sends.append(await produce(folded_name, key, value=codecs.encode_folded(folded)))
         for key, (partition, state, _, _, _) in b.profiles.items():
             if state is None:  # absorbed or erased (its tombstones went out when it happened)
                 timers.put(partition, key, None)
@@ -914,7 +913,7 @@ def create_app(settings: Settings, segments: Sequence[Segment], *, live_definiti
                     continue
                 if pending.deleted(customer_id, EVENT_TABLES):
                     await _retry(loop, pending.flush())
-                pending.events.extend(event_row(e, customer_id) for e in json.loads(message.value))
+                pending.events.extend(event_row(e, customer_id) for e in codecs.decode_folded(message.value))
             elif message.topic == profiles_name:
                 if message.value is None:  # a tombstone: the profile was absorbed or erased
                     at = int(headers.get(AT_HEADER, b"0") or 0)
