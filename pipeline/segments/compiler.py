@@ -37,9 +37,23 @@ from pipeline.errors import DefinitionError
 from pipeline.segments.columns import PROFILE_COLUMNS, T
 
 Row = dict[str, Any]
-Fn = Callable[[Row, datetime], Any]
+# A compiled closure: (row, now) -> value. ``now`` is a datetime; in epoch-ms mode (``_Compiler(ms=True)``,
+# used by deadlines.py) it is an int of epoch milliseconds, and so is every date-time value inside.
+Fn = Callable[[Row, Any], Any]
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_ONE_MS = timedelta(milliseconds=1)
+# The range of Python's datetime, in epoch ms: the datetime form raises OverflowError outside it, so the
+# epoch-ms form does too (same answers).
+MIN_MS = (datetime.min.replace(tzinfo=UTC) - EPOCH) // _ONE_MS
+MAX_MS = (datetime.max.replace(tzinfo=UTC) - EPOCH) // _ONE_MS
+
+
+def epoch_ms(value: datetime) -> int:
+    """A UTC date-time as epoch milliseconds (exact for the millisecond date-times of profile columns)."""
+    if value.tzinfo is None:
+        return math.floor(value.timestamp() * 1000)  # naive: local time, as datetime.timestamp() reads it
+    return (value - EPOCH) // _ONE_MS
 INTERVAL_UNITS = {"SECOND": 1, "MINUTE": 60, "HOUR": 3600, "DAY": 86400, "WEEK": 7 * 86400}
 DATEDIFF_UNITS = ("second", "minute", "hour", "day", "week", "month", "year")
 FUNCTIONS = (
@@ -91,8 +105,12 @@ def _default_locate(text: str) -> Locate:
 
 
 class _Compiler:
-    def __init__(self, text: str, locate: Locate, segment_id: str | None, source: str | None) -> None:
+    def __init__(self, text: str, locate: Locate, segment_id: str | None, source: str | None, *,
+                 ms: bool = False) -> None:
         self.text = text
+        # Epoch-ms mode: date-times (columns, literals, now) are ints of epoch ms instead of datetimes,
+        # so a closure evaluated at many instants (deadlines.py) builds no datetime; same answers.
+        self.ms = ms
         self.locate = locate
         self.segment_id = segment_id
         self.source = source
@@ -276,7 +294,9 @@ def _comparable(comp: _Compiler, node: exp.Expression, left: Typed, right: Typed
 
 def _datetime_literal(comp: _Compiler, node: exp.Expression, typed: Typed) -> Fn:
     text = typed.fn({}, EPOCH)
-    value = _parse_datetime(comp, node, text)
+    value: Any = _parse_datetime(comp, node, text)
+    if comp.ms:
+        value = epoch_ms(value)
     return lambda row, now: value
 
 
@@ -373,6 +393,18 @@ def _interval(comp: _Compiler, node: exp.Binary, symbol: str) -> Typed:
                                   "use a smaller unit (e.g. INTERVAL 36 HOUR)")
     delta = timedelta(seconds=amount * INTERVAL_UNITS[unit] * (1 if symbol == "+" else -1))
     bf = base.fn
+    if comp.ms:
+        delta_ms = delta // _ONE_MS
+
+        def fn_ms(row: Row, now: int) -> int | None:
+            value = bf(row, now)
+            if value is None:
+                return None
+            value += delta_ms
+            if not MIN_MS <= value <= MAX_MS:
+                raise OverflowError("date value out of range")  # as datetime + timedelta
+            return value  # type: ignore[no-any-return]
+        return Typed(fn_ms, T.DT, base.nullable)
 
     def fn(row: Row, now: datetime) -> datetime | None:
         value = bf(row, now)
@@ -403,6 +435,8 @@ def _in(comp: _Compiler, node: exp.In) -> Typed:
         options.append(typed.fn({}, EPOCH))
     if left.type is T.DT:
         values = frozenset(_parse_datetime(comp, node, v) if isinstance(v, str) else v for v in options)
+        if comp.ms:
+            values = frozenset(epoch_ms(v) if isinstance(v, datetime) else v for v in values)
     else:
         values = frozenset(_num(v) for v in options if v is not None)
     lf = left.fn
@@ -500,7 +534,8 @@ def _date_diff(comp: _Compiler, node: exp.DateDiff) -> Typed:
     # sqlglot stores dateDiff('u', a, b) as DateDiff(this=b, expression=a).
     start = comp.expect(node.expression, comp.c(node.expression), T.DT)
     end = comp.expect(node.this, comp.c(node.this), T.DT)
-    fn = _null_safe2(lambda a, b: date_diff(unit, a, b))(start.fn, end.fn)
+    diff = date_diff_ms if comp.ms else date_diff
+    fn = _null_safe2(lambda a, b: diff(unit, a, b))(start.fn, end.fn)
     return Typed(fn, T.NUM, start.nullable or end.nullable)
 
 
@@ -519,6 +554,27 @@ def date_diff(unit: str, start: datetime, end: datetime) -> int:
     if unit == "month":
         return (end.year * 12 + end.month) - (start.year * 12 + start.month)
     return end.year - start.year
+
+
+_UNIT_MS = {"second": 1000, "minute": 60_000, "hour": 3_600_000, "day": 86_400_000}
+_WEEK_MS, _WEEK_SHIFT_MS = 7 * 86_400_000, 3 * 86_400_000  # weeks start on Monday; 1970-01-01 was a Thursday
+
+
+def date_diff_ms(unit: str, start: int, end: int) -> int:
+    """``date_diff`` on epoch milliseconds (the same answer for the same instants: floor division of
+    exact integers where date_diff floors float seconds, which are exact enough for millisecond values)."""
+    size = _UNIT_MS.get(unit)
+    if size is not None:
+        return end // size - start // size
+    if unit == "week":
+        return (end + _WEEK_SHIFT_MS) // _WEEK_MS - (start + _WEEK_SHIFT_MS) // _WEEK_MS
+    return date_diff(unit, _ms_datetime(start), _ms_datetime(end))
+
+
+def _ms_datetime(ms: int) -> datetime:
+    if not MIN_MS <= ms <= MAX_MS:
+        raise OverflowError("date value out of range")
+    return EPOCH + ms * _ONE_MS
 
 
 def _array_contains(comp: _Compiler, node: exp.ArrayContains) -> Typed:
@@ -731,6 +787,8 @@ def _fn_now(comp: _Compiler, node: exp.Anonymous, args: list[exp.Expression]) ->
     comp.arity(node, "now", args, 0)
     comp.uses_now = True
     # ClickHouse's now() is a DateTime: whole seconds (the milliseconds of the clock are dropped).
+    if comp.ms:
+        return Typed(lambda row, now: now - now % 1000, T.DT, False)
     return Typed(lambda row, now: now.replace(microsecond=0), T.DT, False)
 
 
@@ -792,7 +850,9 @@ def _fn_to_datetime(comp: _Compiler, node: exp.Anonymous, args: list[exp.Express
     if not text.const:
         raise comp.fail(args[0], "toDateTime() takes a string constant here")
     # toDateTime() is a DateTime: whole seconds from 1970 to 2105 (ClickHouse clamps outside the range)
-    value = _parse_datetime(comp, args[0], text.fn({}, EPOCH), years=(1970, 2105)).replace(microsecond=0)
+    value: Any = _parse_datetime(comp, args[0], text.fn({}, EPOCH), years=(1970, 2105)).replace(microsecond=0)
+    if comp.ms:
+        value = epoch_ms(value)
     return Typed(lambda row, now: value, T.DT, False, True)
 
 

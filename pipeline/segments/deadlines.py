@@ -95,7 +95,7 @@ import math
 from bisect import bisect_right
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from functools import lru_cache
 from typing import Any
 
@@ -103,7 +103,8 @@ import sqlglot
 from sqlglot import exp
 
 from pipeline.profile import AFFINITY_SCALE, DAY_MS, WINDOWS_DAYS, ProfileState, columns
-from pipeline.segments.compiler import Compiled, Fn, _Compiler, _default_locate
+from pipeline.segments.columns import PROFILE_COLUMNS, T
+from pipeline.segments.compiler import Compiled, Fn, _Compiler, _default_locate, epoch_ms
 from pipeline.segments.definitions import Segment
 
 HORIZON_MS = 10 * 365 * DAY_MS  # how far a now()-comparison is searched before giving a re-check instant
@@ -130,13 +131,38 @@ class _Unsupported(Exception):
 def compile_expression(node: exp.Expression) -> Fn:
     """The compiler's own closure for one sub-expression of an accepted ``where`` (or a comparison
     built from its sub-expressions): NULL stays None, errors propagate. Uses the compiler's internals
-    on purpose, so the deadlines evaluate exactly what membership evaluates."""
+    on purpose, so the deadlines evaluate exactly what membership evaluates. Epoch-ms form: called as
+    ``fn(row, t)`` with ``t`` in epoch ms and the row's date-time columns in epoch ms (``_ms_row``), so
+    an evaluation at an instant builds no datetime (same answers as the datetime form)."""
     text = node.sql("clickhouse")
-    return _Compiler(text, _default_locate(text), None, None).c(node).fn
+    return _Compiler(text, _default_locate(text), None, None, ms=True).c(node).fn
 
 
-def _to_dt(ms: int) -> datetime:
-    return datetime.fromtimestamp(ms / 1000, tz=UTC)
+def _member_fn(tree: Any) -> Callable[[dict[str, Any], int], bool]:
+    """The whole predicate in epoch-ms form, with compile_where's rules for its value (an error or NULL is
+    "not a member")."""
+    fn = compile_expression(tree)
+
+    def member(row: dict[str, Any], t: int) -> bool:
+        try:
+            value = fn(row, t)
+        except (ZeroDivisionError, OverflowError, ValueError):
+            return False
+        return value is not None and bool(value)
+    return member
+
+
+DT_COLUMNS = tuple(name for name, (kind, _, _) in PROFILE_COLUMNS.items() if kind is T.DT)
+
+
+def _ms_row(row: Mapping[str, Any]) -> dict[str, Any]:
+    """A copy of the columns with the date-times as epoch ms, as the epoch-ms closures read them."""
+    out = dict(row)
+    for name in DT_COLUMNS:
+        value = out.get(name)
+        if isinstance(value, datetime):
+            out[name] = epoch_ms(value)
+    return out
 
 
 def _truth(value: Any) -> bool:
@@ -167,7 +193,7 @@ class _Probe:
         if self.reads_aff:
             row[AFFINITY] = ctx.affinity_at(t, self.aff_keys)
         try:
-            value = self.fn(row, _to_dt(t))
+            value = self.fn(row, t)
         except (ZeroDivisionError, OverflowError, ValueError):
             return False
         return None if value is None else _truth(value)
@@ -186,6 +212,7 @@ class _Plan:
     reads_now: bool
     static_terms: tuple[Fn, ...]  # top-level AND terms that never change with time
     probes: tuple[_Probe, ...]
+    member: Callable[[dict[str, Any], int], bool] | None = None  # the predicate, epoch-ms form
 
 
 def _is_now(node: Any) -> bool:  # sqlglot's Expr/Expression annotations vary by version
@@ -378,19 +405,18 @@ def _now_guess(node: exp.Expression) -> Callable[[dict[str, Any]], int | None] |
     shift = 3 * 86_400 if unit == "week" else 0  # weeks start on Monday; 1970-01-01 was a Thursday
     start = compile_expression(left.expression)
 
+    size_ms, shift_ms = size * 1000, shift * 1000
+
     def guess(row: dict[str, Any]) -> int | None:
         try:
-            x = start(row, _EPOCH)  # reads no now()
+            x = start(row, 0)  # reads no now(); epoch ms
         except (ZeroDivisionError, OverflowError, ValueError):
             return None
-        if not isinstance(x, datetime):
+        if type(x) is not int:
             return None
-        return (math.floor((x.timestamp() + shift) / size) + reach) * size * 1000 - shift * 1000
+        return ((x + shift_ms) // size_ms + reach) * size_ms - shift_ms
 
     return guess
-
-
-_EPOCH = datetime.fromtimestamp(0, tz=UTC)
 
 
 def _probes(node: exp.Expression, out: list[_Probe]) -> None:
@@ -460,7 +486,8 @@ def _plan(text: str, compiled_columns: frozenset[str], uses_now: bool) -> _Plan:
             _probes(term, probes)
     except _Unsupported as exc:
         sweep = f"not provably monotone: {exc}"
-    return _Plan(False, sweep, windows, reads_aff, reads_top, uses_now, static_terms, tuple(probes))
+    return _Plan(False, sweep, windows, reads_aff, reads_top, uses_now, static_terms, tuple(probes),
+                 _member_fn(tree))
 
 
 def plan_of(compiled: Compiled) -> _Plan:
@@ -483,10 +510,9 @@ class _Context:
     def __init__(self, state: ProfileState, now_ms: int, half_life_days: float, row: Mapping[str, Any]) -> None:
         self.state = state
         self.now_ms = now_ms
-        self.now_dt = _to_dt(now_ms)
         self.half_life_ms = half_life_days * DAY_MS
-        self.base = row if isinstance(row, dict) else dict(row)
-        self.work = dict(row)  # reused for every instant: only the moving columns are rewritten
+        self.base = _ms_row(row)  # what the epoch-ms closures read
+        self.work = dict(self.base)  # reused for every instant: only the moving columns are rewritten
         orders = state.orders
         self.times = [o[0] for o in orders]
         self.sorted = all(a <= b for a, b in zip(self.times, self.times[1:], strict=False))
@@ -873,21 +899,22 @@ def _segment_walk(segment: Segment, plan: _Plan, ctx: _Context, sweep_ms: int,
     """As _segment_deadline, and whether the answer is exact: membership really differs at the instant
     (False: a sweep, the horizon or a cap; nothing changes before it). None with ``exact`` means never,
     unless a ``limit`` was given (then: not before it)."""
-    now_ms, base, now_dt = ctx.now_ms, ctx.base, ctx.now_dt
+    now_ms, base = ctx.now_ms, ctx.base
     if segment.requires_consent == "marketing" and base.get("consent_marketing") is not True:
         return None, True  # consent is not time-dependent
     for term in plan.static_terms:
         try:
-            if not _truth(term(base, now_dt)):
+            if not _truth(term(base, now_ms)):
                 return None, True  # a constant false AND term: never a member, whatever the time
         except (ZeroDivisionError, OverflowError, ValueError):
             return None, True
     if plan.sweep is not None:
         return now_ms + sweep_ms, False  # swept: a re-check, not a known change
-    predicate = segment.predicate
+    predicate = plan.member
+    assert predicate is not None  # every non-static plan has one
 
     def member(t: int) -> bool:
-        return predicate(ctx.row_at(t, plan), _to_dt(t))
+        return predicate(ctx.row_at(t, plan), t)
 
     was_now: list[bool] = []  # membership at now, computed when first needed
 
@@ -913,11 +940,11 @@ def _segment_walk(segment: Segment, plan: _Plan, ctx: _Context, sweep_ms: int,
             return None  # no change of top_category at all: no need to evaluate the predicate
         state = was()
         row = ctx.row_at(s, plan)
-        at, held = _to_dt(s), row[TOP]
+        held = row[TOP]
         wanted = set()
         for category in ctx.state.affinity:
             row[TOP] = category
-            if predicate(row, at) != state:
+            if predicate(row, s) != state:
                 wanted.add(category)
         row[TOP] = held
         return ctx.next_top_in(wanted, s, e) if wanted else None

@@ -207,7 +207,7 @@ def test_dateDiff_guess_lands_on_the_flip():
         assert probe.guess is not None
         state = step(None, "c1", Event(event_id="c", source="clickstream", type="page_view",
                                        occurred_at=T0 - 3_600_000, customer_id="c1"), T0, segments).state
-        row = columns(state, T0, half_life_days=HL)
+        row = deadlines._ms_row(columns(state, T0, half_life_days=HL))  # probes read date-times as epoch ms
         due = next_check_at(state, segments, T0, half_life_days=HL)
         assert due == probe.guess(row) and due % unit_ms == 0, where
         at = datetime.fromtimestamp(due / 1000, tz=UTC)
