@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,13 +27,16 @@ from typing import Any
 from pipeline.errors import DefinitionError
 from pipeline.processor import Config, StepResult, advance, reevaluate, schedule, to_datetime
 from pipeline.profile import DAY_MS, WINDOWS_DAYS, ProfileState, _ms_to_dt, affinities, columns
+from pipeline.profile_encoding import decode, decode_fields
 from pipeline.segments.columns import PROFILE_COLUMNS
-from pipeline.segments.deadlines import next_check_at
+from pipeline.segments.deadlines import next_check_at, plan_of
 from pipeline.segments.definitions import Segment, parse_segments
 from pipeline.segments.membership import diff, evaluate
 
 MANIFEST_KEY = "__manifest__"
 SENTINEL_PREFIX = "__sentinel__"
+
+log = logging.getLogger(__name__)
 
 
 def definition_record(segment: Segment) -> dict[str, Any]:
@@ -178,6 +182,7 @@ class SetChange:
     ids: frozenset[str]  # their ids
     defined: frozenset[str]  # every id of the set in force (a member of any other id exits)
     removed: frozenset[str]  # ids of the older set that are gone or edited
+    fields: frozenset[str] | None = None  # the ProfileState fields the fast path reads (None: all of them)
 
     @property
     def additions_only(self) -> bool:
@@ -193,7 +198,8 @@ def set_change(old: Sequence[Segment], new: Sequence[Segment]) -> SetChange:
     now = {s.id: definition_fingerprint(definition_record(s)) for s in new}
     removed = frozenset(sid for sid, fp in before.items() if now.get(sid) != fp)
     reads = frozenset({"consent_marketing"}.union(*(s.predicate.columns for s in chosen)))
-    return SetChange(chosen, reads, frozenset(s.id for s in chosen), frozenset(now), removed)
+    return SetChange(chosen, reads, frozenset(s.id for s in chosen), frozenset(now), removed,
+                     _fields_read(reads, chosen))
 
 
 class SetHistory:
@@ -281,6 +287,34 @@ _ONE_COLUMN: dict[str, Callable[[ProfileState, int, float], Any]] = {
 }
 
 
+# The ProfileState fields each of those columns reads (the same keys as _ONE_COLUMN).
+_COLUMN_FIELDS: dict[str, tuple[str, ...]] = {
+    **{name: (name,) for name in _ONE_COLUMN},
+    **{f"{kind}_{d}d": ("orders",) for d in WINDOWS_DAYS for kind in ("orders", "spend")},
+    "category_affinity": ("affinity",),
+    "open_tickets_count": ("open_tickets",),
+    "survey_interests": ("surveys",),
+    "survey_motivations": ("surveys",),
+}
+# What the scan reads of every profile: whether it is under the set in force, and its next check.
+SCAN_FIELDS = frozenset({"definitions", "next_check_at", "updated_at"})
+
+
+def _fields_read(reads: frozenset[str], evaluate: Sequence[Segment]) -> frozenset[str] | None:
+    """The fields backfill's fast path reads of a profile when it evaluates ``evaluate`` (reading
+    the columns ``reads``) and nothing moves; None when a column needs the whole profile."""
+    if not reads <= _COLUMN_FIELDS.keys():
+        return None
+    fields = set(SCAN_FIELDS) | {"segments"}
+    for name in reads:
+        fields.update(_COLUMN_FIELDS[name])
+    if any(not plan_of(s.predicate).static for s in evaluate):
+        # next_check_at's search reads the orders whenever a segment moves with time (the affinity
+        # is read through the category_affinity column, listed above when it is read at all)
+        fields.add("orders")
+    return frozenset(fields)
+
+
 def columns_for(state: ProfileState, now_ms: int, needed: frozenset[str], half_life_days: float) -> dict[str, Any]:
     """profile.columns restricted to ``needed`` (the whole row when one of them is not in _ONE_COLUMN)."""
     if not needed <= _ONE_COLUMN.keys():
@@ -297,7 +331,8 @@ class Backfill:
 
 
 def backfill(state: ProfileState, now_ms: int, segments: Sequence[Segment], fingerprint: str,
-             change: SetChange | None, config: Config) -> Backfill:
+             change: SetChange | None, config: Config, *, full: Callable[[], ProfileState] | None = None,
+             ) -> Backfill:
     """Bring a profile evaluated under another definition set up to ``segments`` (fingerprint
     ``fingerprint``) at ``now_ms``: the same memberships as a full evaluation.
 
@@ -314,9 +349,15 @@ def backfill(state: ProfileState, now_ms: int, segments: Sequence[Segment], fing
     (pipeline.app fire_timers); a restart scans it again and finds the same.
 
     Otherwise (older set unknown, or a check due) the full path: time's transitions, then every
-    segment again, the next check from scratch, and a write."""
+    segment again, the next check from scratch, and a write.
+
+    With ``full``, ``state`` may hold only ``change.fields`` (``profile_encoding.decode_fields``):
+    ``full()`` gives the whole profile when it is to be written. The result's state is then that
+    whole profile when ``write``, else the partial one (never to be written or sent)."""
     due = state.next_check_at
     if change is None or (due is not None and due <= now_ms):
+        if full is not None:
+            state = full()
         first = advance(state, now_ms, segments, config)
         second = reevaluate(state, now_ms, segments, config, cause="definition_changed")
         state.definitions = fingerprint
@@ -329,6 +370,8 @@ def backfill(state: ProfileState, now_ms: int, segments: Sequence[Segment], fing
     members |= {sid for sid in state.segments if sid not in change.ids and sid in change.defined}
     changes = []
     if members != set(state.segments):
+        if full is not None:
+            state = full()  # to be written: every field (the row's values are the same from either)
         if len(row) < len(PROFILE_COLUMNS):  # the profile row is sent: every column
             row = columns(state, now_ms, half_life_days=config.half_life_days)
         state.version += 1
@@ -353,3 +396,56 @@ def backfill(state: ProfileState, now_ms: int, segments: Sequence[Segment], fing
     state.next_check_at = nxt
     state.definitions = fingerprint
     return Backfill(StepResult(state, changes, row), True, nxt)
+
+
+@dataclass
+class Checked:
+    state: ProfileState  # the whole profile when written; else maybe some fields only: never write it then
+    due: int | None  # its next time-driven check, for the timer index
+    done: Backfill | None  # None: already evaluated under the set in force
+
+
+class Scan:
+    """The worker's scan of its stored profiles under the definition set in force: each value is
+    read only as far as needed (``decode_fields``): for most profiles of a selective new segment,
+    the fields the changed segments read; in full only when the profile is written or takes the
+    full path. What ``backfill`` decides is the same either way (tests/unit/test_live.py)."""
+
+    def __init__(self, segments: Sequence[Segment], fingerprint: str, history: SetHistory, config: Config) -> None:
+        self.segments = segments
+        self.fingerprint = fingerprint
+        self.history = history
+        self.config = config
+        self.fields: frozenset[str] | None = SCAN_FIELDS  # grows to the fields of the changes met
+        self.fallbacks = 0  # fast paths redone from the whole profile (a field read that fields missed)
+
+    def check(self, value: bytes, now_ms: int, *, event_clock: bool = False) -> Checked:
+        """One stored profile (``value``, non-empty) at ``now_ms``; with the event clock a profile is
+        not evaluated before its own last update (as the worker's other paths)."""
+        state = decode(value) if self.fields is None else decode_fields(value, self.fields)
+        if state.definitions == self.fingerprint:
+            return Checked(state, state.next_check_at, None)
+        at = max(now_ms, state.updated_at) if event_clock else now_ms
+        change = self.history.change(state.definitions, self.fingerprint)
+        due = state.next_check_at
+        if change is None or change.fields is None or (due is not None and due <= at):
+            return self._done(backfill(decode(value), at, self.segments, self.fingerprint, change, self.config))
+        if self.fields is not None and not change.fields <= self.fields:
+            self.fields |= change.fields  # profiles under one older set need the same: read them from now on
+            state = decode_fields(value, self.fields)
+        try:
+            done = backfill(state, at, self.segments, self.fingerprint, change, self.config,
+                            full=lambda: decode(value))
+        except AttributeError as exc:
+            # A reader of the profile (a column, the deadline search) needs a field not listed in
+            # _COLUMN_FIELDS/_fields_read: exact from the whole profile, and from now on read in full.
+            if self.fallbacks == 0:
+                log.warning("backfill read a field it did not decode (%s): reading whole profiles", exc)
+            self.fallbacks += 1
+            self.fields = None
+            done = backfill(decode(value), at, self.segments, self.fingerprint, change, self.config)
+        return self._done(done)
+
+    @staticmethod
+    def _done(done: Backfill) -> Checked:
+        return Checked(done.result.state, done.due, done)

@@ -76,6 +76,8 @@ ADDED = """
     where: events_count >= 0
   - id: new_versioned
     where: version >= 5  # reads what evaluation writes: evaluated again on every backfill
+  - id: new_windows
+    where: spend_90d >= 100 OR (orders_365d >= 2 AND has(survey_interests, 'cooking_classes'))
 """
 
 
@@ -88,7 +90,9 @@ def _sets():
         "segments:\n  - id: recent_books\n    where: category_affinity['books'] >= 0.05\n")
     removed = [s for s in added if s.id not in ("month_buyers", "new_cooks")]
     selective = [*base, *(s for s in added if s.id in ("new_lapsing", "new_cooks"))]
-    return base, {"added": added, "selective": selective, "edited": edited, "removed": removed}
+    windows = [*base, *(s for s in added if s.id in ("new_windows", "new_cooks"))]
+    return base, {"added": added, "selective": selective, "edited": edited, "removed": removed,
+                  "windows": windows}
 
 
 @functools.lru_cache(maxsize=1)
@@ -124,25 +128,28 @@ def _profiles(customers=120, events=4000):
     return tuple(states.values()), now
 
 
-@pytest.mark.parametrize("kind", ["added", "selective", "edited", "removed"])
+@pytest.mark.parametrize("kind", ["added", "selective", "edited", "removed", "windows"])
 def test_a_backfill_gives_the_memberships_of_a_full_evaluation(kind):
     from pipeline.processor import Config, advance, reevaluate, schedule
     from pipeline.profile import DAY_MS, ProfileState
+    from pipeline.profile_encoding import encode
     from pipeline.segments.deadlines import next_check_at
-    from pipeline.segments.live import SetHistory, backfill
+    from pipeline.segments.live import Scan, SetHistory, backfill
 
     base, sets = _sets()
     new = sets[kind]
     history = SetHistory()
     old_fp, new_fp = history.add(base), history.add(new)
     change = history.change(old_fp, new_fp)
-    assert change is not None and change.additions_only == (kind in ("added", "selective"))
+    assert change is not None and change.additions_only == (kind in ("added", "selective", "windows"))
     config = Config()
     profiles, now = _profiles()
     assert len(profiles) > 100
-    fast_path = written = checks = 0
+    fast_path = written = checks = partial = 0
+    scan = Scan(new, new_fp, history, config)  # the worker's path: from the stored bytes, read partly
     for template in profiles:
         template = ProfileState.from_dict({**template.to_dict(), "definitions": old_fp})
+        value = encode(template)
         for at in (now, now + 3 * DAY_MS, now + 25 * DAY_MS):  # a backfill some time after the last event
             fast = ProfileState.from_dict(template.to_dict())
             full = ProfileState.from_dict(template.to_dict())
@@ -160,6 +167,15 @@ def test_a_backfill_gives_the_memberships_of_a_full_evaluation(kind):
                 assert fast.to_dict() == template.to_dict() and not done.result.changes
             else:
                 assert fast.definitions == new_fp and fast.next_check_at == done.due
+            via = scan.check(value, at)
+            assert via.done is not None and via.due == done.due
+            assert (via.done.write, via.done.full) == (done.write, done.full)
+            assert [c.to_dict() for c in via.done.result.changes] == [c.to_dict() for c in done.result.changes]
+            assert via.done.result.row == done.result.row
+            if done.write:
+                assert via.state == fast  # the whole profile, as written
+            else:
+                partial += not hasattr(via.state, "traits")  # a field no segment reads: not decoded
             written += done.write
             checks += 1
             exact = next_check_at(fast, new, at, half_life_days=config.half_life_days, sweep_ms=config.sweep_ms)
@@ -174,6 +190,9 @@ def test_a_backfill_gives_the_memberships_of_a_full_evaluation(kind):
             advance(full, at + 60 * DAY_MS, new, config)
             assert fast.segments.keys() == full.segments.keys()
     assert fast_path > len(profiles)  # most profiles took the fast path
+    assert scan.fallbacks == 0  # decode_fields read every field the fast path needed
+    if kind in ("selective", "windows"):  # no segment of theirs needs the whole row
+        assert partial >= (checks - written) // 2
     if kind == "selective":
         assert checks - written >= checks // 10  # left as stored: no write, no output
 
@@ -192,13 +211,18 @@ def test_an_unknown_older_set_means_a_full_evaluation():
 
 def test_the_columns_a_backfill_computes_are_those_of_profile_columns():
     from pipeline.profile import DAY_MS, columns
+    from pipeline.profile_encoding import decode_fields, encode
     from pipeline.segments.columns import PROFILE_COLUMNS
-    from pipeline.segments.live import columns_for
+    from pipeline.segments.live import _COLUMN_FIELDS, columns_for
 
     profiles, now = _profiles()
     for state in profiles[:60]:
+        value = encode(state)
         for at in (now, now + 40 * DAY_MS):
             full = columns(state, at, half_life_days=30.0)
             for name in PROFILE_COLUMNS:
                 assert columns_for(state, at, frozenset({name}), 30.0)[name] == full[name], name
+                if name in _COLUMN_FIELDS:  # from only the fields listed for it (another raises AttributeError)
+                    partial = decode_fields(value, frozenset(_COLUMN_FIELDS[name]))
+                    assert columns_for(partial, at, frozenset({name}), 30.0)[name] == full[name], name
             assert columns_for(state, at, frozenset(PROFILE_COLUMNS), 30.0) == full

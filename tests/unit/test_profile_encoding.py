@@ -3,7 +3,7 @@ for edge values; JSON values written by earlier versions still decode, and dedup
 their event ids. Sizes are the benchmark's (benchmarks/bench_profiles.py), not asserted here."""
 
 import json
-from dataclasses import replace
+from dataclasses import fields, replace
 
 import pytest
 from hypothesis import given, settings
@@ -13,7 +13,7 @@ from pipeline.events import Event, Item
 from pipeline.identity import merge_profiles
 from pipeline.processor import Config, absorb, schedule, step
 from pipeline.profile import DAY_MS, ProfileState, columns, id_digest, is_duplicate, new_profile
-from pipeline.profile_encoding import FORMAT, decode, encode
+from pipeline.profile_encoding import FORMAT, decode, decode_fields, encode
 from pipeline.segments.definitions import load_segments
 
 T0 = 1_790_000_000_000
@@ -228,3 +228,38 @@ def test_merge_command_state_round_trips_through_json():
     assert ProfileState.from_dict(json.loads(json.dumps(state.to_dict()))) == state
     merged = merge_profiles(new_profile("c1"), decode(encode(state)), half_life_days=30.0)
     assert is_duplicate(merged, "t-9")
+
+
+# --- some fields only (decode_fields: what a backfill scan reads) -----------------------------------
+
+FIELDS = tuple(f.name for f in fields(ProfileState))
+
+
+def _same_fields(state, subset):
+    value = encode(state)
+    partial = decode_fields(value, frozenset(subset))
+    full = decode(value)
+    for name in subset:
+        assert getattr(partial, name) == getattr(full, name) == getattr(state, name), name
+    if value[0] == FORMAT:
+        for name in set(FIELDS) - set(subset):  # never a default in place of the stored value
+            with pytest.raises(AttributeError):
+                getattr(partial, name)
+
+
+@PROPERTY
+@given(folded(), st.sets(st.sampled_from(FIELDS)))
+def test_decode_fields_reads_each_field_as_decode_does_folded(state, subset):
+    _same_fields(state, FIELDS)
+    _same_fields(state, subset)
+
+
+@PROPERTY
+@given(edge_profiles(), st.sets(st.sampled_from(FIELDS)))
+def test_decode_fields_reads_each_field_as_decode_does_edge_values(state, subset):
+    _same_fields(state, FIELDS)
+    _same_fields(state, subset)
+
+
+def test_decode_fields_of_a_json_value_is_the_whole_profile():
+    assert decode_fields(LEGACY, frozenset({"definitions"})) == decode(LEGACY)
