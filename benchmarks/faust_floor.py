@@ -6,6 +6,15 @@ topic, in one of faust's two simple paths:
   one ``send`` per message, the batch's sends awaited together before the next batch;
 - ``per_event``: ``async for key, value in stream.items()``, one awaited ``send`` each.
 
+Two more isolate the cost of faust's per-message consumption path in the profile stage's shape
+(the pipeline's adaptive window: at most 2000 events, 50 ms, 5 ms linger; sends straight to
+faust's producer, as ``pipeline.app.produce``; the batch's sends awaited, then its acks):
+
+- ``take_events_direct``: the pipeline's ``pipeline.broker.batches.take_events`` over the stream
+  (faust's drain loop, conductor, channel, stream iterator and an Event per message);
+- ``batched``: ``pipeline.broker.stream.BatchedTopic``, the records taken off faust's consumer in
+  batches, tracked and acked through it (same app, topics, assignment and commits).
+
 Offsets are acked by faust as usual. Exits (``os._exit``) once ``--expect`` messages went through,
 after printing its result line.
 """
@@ -32,7 +41,8 @@ def main() -> None:
     parser.add_argument("--partitions", type=int, required=True)
     parser.add_argument("--expect", type=int, required=True, help="messages to forward, markers included")
     parser.add_argument("--events", type=int, required=True, help="data messages among them (reported)")
-    parser.add_argument("--mode", choices=("take_events", "per_event"), default="take_events")
+    parser.add_argument("--mode", choices=("take_events", "per_event", "take_events_direct", "batched"),
+                        default="take_events")
     parser.add_argument("--app-id", required=True)
     parser.add_argument("--output", required=True, help="output topic")
     parser.add_argument("--data-dir", required=True)
@@ -65,6 +75,29 @@ def main() -> None:
                 seen += len(batch)
                 if seen >= args.expect:
                     finish()
+    elif args.mode in ("take_events_direct", "batched"):
+        from pipeline.broker.batches import take_events
+        from pipeline.broker.stream import BatchedTopic
+
+        batched = BatchedTopic(app, inputs, enabled=args.mode == "batched")
+        out_name = output.get_topic_name()
+
+        @app.agent(inputs)
+        async def forward(stream: Any) -> None:
+            nonlocal seen
+            if args.mode == "batched":
+                source = batched.batches(stream, 2000, 0.05, 0.005)
+            else:
+                source = _messages(take_events(stream, 2000, 0.05, 0.005))
+            async for batch in source:
+                window.first()
+                send = app.producer.send
+                sends = [await send(out_name, m.key, m.value, partition=None, timestamp=None, headers=None)
+                         for m in batch]
+                await asyncio.gather(*sends)
+                seen += len(batch)
+                if seen >= args.expect:
+                    finish()
     else:
         @app.agent(inputs)
         async def forward(stream: Any) -> None:
@@ -78,6 +111,11 @@ def main() -> None:
                     finish()
 
     Worker(app, loglevel="warning").execute_from_commandline()
+
+
+async def _messages(events: Any) -> Any:
+    async for batch in events:
+        yield [event.message for event in batch]
 
 
 if __name__ == "__main__":

@@ -32,7 +32,8 @@ from faust.types import TP
 from pipeline import codecs, profile_encoding
 from pipeline.api import WorkerBackend, build_api, dashboard_data, start_api, stop_api
 from pipeline.broker import topics as t
-from pipeline.broker.batches import FETCH_MAX_WAIT_MS, TAKE_LINGER_FRACTION, BatchConsumer, take_events
+from pipeline.broker.batches import FETCH_MAX_WAIT_MS, TAKE_LINGER_FRACTION, BatchConsumer
+from pipeline.broker.stream import BatchedTopic
 from pipeline.cohorts import cohort, segment_sizes
 from pipeline.control import DONE, HEADER, MARKER, Completion, Marker, control_kind
 from pipeline.decode import Limits, decode, schema_id_of
@@ -420,13 +421,18 @@ def create_app(settings: Settings, segments: Sequence[Segment], *, live_definiti
             await emit(key, result, sends)
             timers.put(partition, key, state.next_check_at)
 
+    # The profile stage takes customer-events off faust's consumer in batches, skipping faust's
+    # per-message dispatch (conductor, channel, stream, Event: ~0.07 ms per record here), with
+    # faust's assignment, tables, recovery and commits (pipeline.broker.stream).
+    customer_batches = BatchedTopic(app, customer_events)
+
     @app.agent(customer_events)
     async def fold_profiles(stream: Any) -> None:
-        # The window opens at a batch's first event, not when the previous batch is done (faust's
-        # take_events): an event waits a tenth of batch_seconds, not up to all of it; batches still
-        # grow up to batch_seconds while events are queued (pipeline.broker.batches.take_events).
-        async for batch in take_events(stream, settings.batch_size, settings.batch_seconds,
-                                       settings.batch_seconds * TAKE_LINGER_FRACTION):
+        # The window opens at a batch's first record, not when the previous batch is done (faust's
+        # take_events): a record waits a tenth of batch_seconds, not up to all of it; batches still
+        # grow up to batch_seconds while records keep arriving.
+        async for batch in customer_batches.batches(stream, settings.batch_size, settings.batch_seconds,
+                                                    settings.batch_seconds * TAKE_LINGER_FRACTION):
             await definitions.ready.wait()  # never evaluate under a set the topic has replaced
             async with state_lock:
                 with metrics.time_evaluation():
@@ -495,9 +501,8 @@ def create_app(settings: Settings, segments: Sequence[Segment], *, live_definiti
     async def _fold_batch(batch: Sequence[Any]) -> None:
         b = Batch()
         completed: list[tuple[int, Marker]] = []
-        persisted = restore_watermarks({event.message.partition for event in batch})
-        for event in batch:
-            message = event.message
+        persisted = restore_watermarks({message.partition for message in batch})
+        for message in batch:  # faust Messages (pipeline.broker.stream.BatchedTopic)
             key, partition = message.key, message.partition
             headers = _headers(message)
             if headers.get(HEADER) == MARKER:
