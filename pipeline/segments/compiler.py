@@ -23,6 +23,7 @@ non-zero constant divisor, a fractional ``INTERVAL``, date-times other than ``'Y
 from __future__ import annotations
 
 import math
+import operator
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -91,6 +92,7 @@ class Typed:
     type: T
     nullable: bool
     const: bool = False
+    column: str | None = None  # a bare column: read inline by the closures of the hot forms below
 
 
 Locate = Callable[[int], tuple[int, int]]
@@ -196,7 +198,7 @@ def _column(comp: _Compiler, node: exp.Column) -> Typed:
 
     def fn(row: Row, now: datetime) -> Any:
         return row[name]
-    return Typed(fn, kind, nullable)
+    return Typed(fn, kind, nullable, column=name)
 
 
 def _literal(comp: _Compiler, node: exp.Literal) -> Typed:
@@ -234,11 +236,12 @@ def _and(comp: _Compiler, node: exp.And) -> Typed:
     lf, rf = left.fn, right.fn
 
     def fn(row: Row, now: datetime) -> bool | None:
-        a = _truth(lf(row, now))
-        if a is False:
+        # _truth inlined (a hot path): a value is false when it is not NULL and not truthy
+        a = lf(row, now)
+        if a is not None and not a:
             return False
-        b = _truth(rf(row, now))
-        if b is False:
+        b = rf(row, now)
+        if b is not None and not b:
             return False
         if a is None or b is None:
             return None
@@ -252,11 +255,11 @@ def _or(comp: _Compiler, node: exp.Or) -> Typed:
     lf, rf = left.fn, right.fn
 
     def fn(row: Row, now: datetime) -> bool | None:
-        a = _truth(lf(row, now))
-        if a is True:
+        a = lf(row, now)  # _truth inlined, as in _and
+        if a is not None and a:
             return True
-        b = _truth(rf(row, now))
-        if b is True:
+        b = rf(row, now)
+        if b is not None and b:
             return True
         if a is None or b is None:
             return None
@@ -331,9 +334,36 @@ def _compare(op: Callable[[Any, Any], bool]) -> Callable[[_Compiler, exp.Binary]
                 raise comp.fail(side, f"{side.sql('clickhouse')!r} is a {typed.type.value} and cannot be compared; "
                                       "use has(), length() or a subscript")
         lf, rf = _comparable(comp, node, left, right, node.this, node.expression)
-        fn = _null_safe2(lambda a, b: op(_num(a), _num(b)))(lf, rf)
-        return Typed(fn, T.BOOL, left.nullable or right.nullable)
+        # No _num here: a bool compares as the int it is (True == 1, True > 0), so the result is the same.
+        return Typed(_compare_fn(op, left, right, lf, rf), T.BOOL, left.nullable or right.nullable)
     return handler
+
+
+def _compare_fn(op: Callable[[Any, Any], bool], left: Typed, right: Typed, lf: Fn, rf: Fn) -> Fn:
+    """``op(a, b)``, NULL if either is NULL; the forms segments mostly use (a column or an expression
+    against a constant) evaluated with one Python call."""
+    if right.const and not left.const:
+        value = rf({}, EPOCH)  # constants read neither the row nor the clock
+        if value is not None:
+            name = left.column
+            if name is not None:
+                def column_const(row: Row, now: datetime) -> Any:
+                    a = row[name]
+                    return None if a is None else op(a, value)
+                return column_const
+
+            def expr_const(row: Row, now: datetime) -> Any:
+                a = lf(row, now)
+                return None if a is None else op(a, value)
+            return expr_const
+    if left.const and not right.const:
+        value = lf({}, EPOCH)
+        if value is not None:
+            def const_expr(row: Row, now: datetime) -> Any:
+                b = rf(row, now)
+                return None if b is None else op(value, b)
+            return const_expr
+    return _null_safe2(op)(lf, rf)
 
 
 def _arith(op: Callable[[Any, Any], Any], symbol: str) -> Callable[[_Compiler, exp.Binary], Typed]:
@@ -457,6 +487,13 @@ def _between(comp: _Compiler, node: exp.Between) -> Typed:
     value, low, high = comp.c(node.this), comp.c(node.args["low"]), comp.c(node.args["high"])
     vf, lo = _comparable(comp, node, value, low, node.this, node.args["low"])
     _, hi = _comparable(comp, node, value, high, node.this, node.args["high"])
+    if low.const and high.const and not value.const:
+        low_value, high_value = lo({}, EPOCH), hi({}, EPOCH)
+        if low_value is not None and high_value is not None:
+            def between_consts(row: Row, now: datetime) -> bool | None:
+                v = vf(row, now)  # (v >= low) AND (v <= high) of non-NULL values: both are true/false
+                return None if v is None else (v >= low_value and v <= high_value)
+            return Typed(between_consts, T.BOOL, value.nullable)
     ge = _null_safe2(lambda a, b: _num(a) >= _num(b))(vf, lo)
     le = _null_safe2(lambda a, b: _num(a) <= _num(b))(vf, hi)
 
@@ -534,9 +571,35 @@ def _date_diff(comp: _Compiler, node: exp.DateDiff) -> Typed:
     # sqlglot stores dateDiff('u', a, b) as DateDiff(this=b, expression=a).
     start = comp.expect(node.expression, comp.c(node.expression), T.DT)
     end = comp.expect(node.this, comp.c(node.this), T.DT)
-    diff = date_diff_ms if comp.ms else date_diff
-    fn = _null_safe2(lambda a, b: diff(unit, a, b))(start.fn, end.fn)
-    return Typed(fn, T.NUM, start.nullable or end.nullable)
+    return Typed(_date_diff_fn(unit, comp.ms, start, end), T.NUM, start.nullable or end.nullable)
+
+
+def _date_diff_fn(unit: str, ms: bool, start: Typed, end: Typed) -> Fn:
+    """dateDiff's closure, NULL if either side is: the fixed-length units computed inline (the same
+    expressions as date_diff / date_diff_ms), a bare column read inline."""
+    sf, ef = start.fn, end.fn
+    size_ms = _UNIT_MS.get(unit)
+    if size_ms is None:
+        diff = date_diff_ms if ms else date_diff
+        return _null_safe2(lambda a, b: diff(unit, a, b))(sf, ef)
+    if ms:
+        def between(a: int, b: int) -> int:
+            return b // size_ms - a // size_ms  # type: ignore[operator]
+    else:
+        size, floor = size_ms / 1000, math.floor
+
+        def between(a: datetime, b: datetime) -> int:  # type: ignore[misc]
+            return floor(b.timestamp() / size) - floor(a.timestamp() / size)
+    name = start.column
+    if name is not None:
+        def column_start(row: Row, now: Any) -> int | None:
+            a = row[name]
+            if a is None:
+                return None
+            b = ef(row, now)
+            return None if b is None else between(a, b)
+        return column_start
+    return _null_safe2(between)(sf, ef)
 
 
 def date_diff(unit: str, start: datetime, end: datetime) -> int:
@@ -789,7 +852,22 @@ def _fn_now(comp: _Compiler, node: exp.Anonymous, args: list[exp.Expression]) ->
     # ClickHouse's now() is a DateTime: whole seconds (the milliseconds of the clock are dropped).
     if comp.ms:
         return Typed(lambda row, now: now - now % 1000, T.DT, False)
-    return Typed(lambda row, now: now.replace(microsecond=0), T.DT, False)
+    return Typed(_now_seconds, T.DT, False)
+
+
+_now_cache: tuple[datetime | None, datetime | None] = (None, None)
+
+
+def _now_seconds(row: Row, now: datetime) -> datetime:
+    """``now`` without its fraction of a second, kept for the last ``now`` seen: every now() of every
+    segment evaluated at one instant gets the same object (one tuple, replaced whole: thread-safe)."""
+    global _now_cache
+    cached = _now_cache
+    if cached[0] is now:
+        return cached[1]  # type: ignore[return-value]
+    value = now.replace(microsecond=0)
+    _now_cache = (now, value)
+    return value
 
 
 def _fn_null_check(negate: bool) -> Callable[[_Compiler, exp.Anonymous, list[exp.Expression]], Typed]:
@@ -865,12 +943,12 @@ _HANDLERS: dict[type, Callable[[_Compiler, Any], Typed]] = {
     exp.And: _and,
     exp.Or: _or,
     exp.Not: _not,
-    exp.EQ: _compare(lambda a, b: a == b),
-    exp.NEQ: _compare(lambda a, b: a != b),
-    exp.LT: _compare(lambda a, b: a < b),
-    exp.LTE: _compare(lambda a, b: a <= b),
-    exp.GT: _compare(lambda a, b: a > b),
-    exp.GTE: _compare(lambda a, b: a >= b),
+    exp.EQ: _compare(operator.eq),
+    exp.NEQ: _compare(operator.ne),
+    exp.LT: _compare(operator.lt),
+    exp.LTE: _compare(operator.le),
+    exp.GT: _compare(operator.gt),
+    exp.GTE: _compare(operator.ge),
     exp.Add: _arith(lambda a, b: a + b, "+"),
     exp.Sub: _arith(lambda a, b: a - b, "-"),
     exp.Mul: _arith(lambda a, b: a * b, "*"),
