@@ -248,6 +248,7 @@ class Bench:
                     "PIPELINE_SEGMENTS_PATH": str(self.args.segments),
                     "PIPELINE_PARTITIONS": str(self.args.partitions), "PIPELINE_STORE": "rocksdb://",
                     "PIPELINE_HTTP_PORT": "0", "PIPELINE_CLOCK": "wall", "PIPELINE_LOG_LEVEL": "warning"})
+        env.update(dict(item.split("=", 1) for item in self.args.worker_env))
         spawned = time.time()
         worker = self.spawn("c_pipeline", [sys.executable, "-m", "pipeline", "worker"], env=env)
         profiler = None
@@ -369,6 +370,9 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds a variant may take")
     parser.add_argument("--profile-worker", action="store_true",
                         help="py-spy the worker during (c) (slows it); raw stacks to the results directory")
+    parser.add_argument("--worker-env", action="append", default=[], metavar="NAME=VALUE",
+                        help="a setting for (c)'s worker, e.g. PIPELINE_EVENT_LOOP=asyncio (repeatable; the worker "
+                             "otherwise gets no PIPELINE_* variable of this shell)")
     parser.add_argument("--out", type=Path, default=HERE / "results" / "pipeline.json")
     args = parser.parse_args()
     args.segments = args.segments.resolve()

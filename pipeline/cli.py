@@ -239,6 +239,11 @@ def worker() -> None:
     config = logging_config(settings.log_format, settings.log_level)
     if config is None:
         logging.basicConfig(level=settings.log_level.upper())
+    if settings.event_loop == "uvloop":
+        # Before faust creates its loop (and the consumer thread its own): every loop is uvloop's.
+        import mode.loop
+
+        mode.loop.use("uvloop")
     faust_app = create_app(settings, segments)
     runner = Worker(faust_app, loglevel=settings.log_level, logging_config=config)
     # faust's terminal spinner sets the root logger to DEBUG (to spin on every record) when the

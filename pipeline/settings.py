@@ -89,6 +89,9 @@ class Settings(BaseSettings):
     segments_path: Path | None = Field(
         None, description="YAML file or directory of segment definitions. Default: the built-in examples."
     )
+    event_loop: Literal["uvloop", "asyncio"] = Field(
+        "uvloop", description="The worker's event loop: uvloop (libuv; less CPU per message in the loop, its "
+        "transports and callbacks) or the standard library's asyncio loop.")
     batch_size: int = Field(2000, ge=1, description="Most events a worker takes in one batch.")
     batch_seconds: float = Field(0.05, gt=0, description="Longest a worker waits to fill a batch (at low rates, up "
                                  "to this much latency per stage).")
