@@ -52,6 +52,10 @@ MAX_MS = (datetime.max.replace(tzinfo=UTC) - EPOCH) // _ONE_MS
 
 def epoch_ms(value: datetime) -> int:
     """A UTC date-time as epoch milliseconds (exact for the millisecond date-times of profile columns)."""
+    if value.microsecond % 1000 == 0:
+        # a whole millisecond (every profile date-time): the float seconds are within far less than half a
+        # millisecond of it (< 0.05 ms off even in year 9999), so rounding gives it exactly: the fast path
+        return round(value.timestamp() * 1000)
     if value.tzinfo is None:
         return math.floor(value.timestamp() * 1000)  # naive: local time, as datetime.timestamp() reads it
     return (value - EPOCH) // _ONE_MS

@@ -155,10 +155,11 @@ def _member_fn(tree: Any) -> Callable[[dict[str, Any], int], bool]:
 DT_COLUMNS = tuple(name for name, (kind, _, _) in PROFILE_COLUMNS.items() if kind is T.DT)
 
 
-def _ms_row(row: Mapping[str, Any]) -> dict[str, Any]:
-    """A copy of the columns with the date-times as epoch ms, as the epoch-ms closures read them."""
+def _ms_row(row: Mapping[str, Any], dt_columns: Sequence[str] = DT_COLUMNS) -> dict[str, Any]:
+    """A copy of the columns with the date-times as epoch ms, as the epoch-ms closures read them (only
+    ``dt_columns``: those the segments read)."""
     out = dict(row)
-    for name in DT_COLUMNS:
+    for name in dt_columns:
         value = out.get(name)
         if isinstance(value, datetime):
             out[name] = epoch_ms(value)
@@ -196,7 +197,9 @@ class _Probe:
             value = self.fn(row, t)
         except (ZeroDivisionError, OverflowError, ValueError):
             return False
-        return None if value is None else _truth(value)
+        if value is True or value is False or value is None:  # a comparison's usual answers
+            return value  # type: ignore[no-any-return]
+        return _truth(value)
 
     def holds(self, row: dict[str, Any], ctx: _Context, t: int) -> bool:
         return bool(self.value(row, ctx, t))
@@ -507,15 +510,16 @@ class _Context:
     computes per instant (windows, the affinity map and top_category, the next top_category change)
     is kept for the call, so every segment reuses it."""
 
-    def __init__(self, state: ProfileState, now_ms: int, half_life_days: float, row: Mapping[str, Any]) -> None:
+    def __init__(self, state: ProfileState, now_ms: int, half_life_days: float, row: Mapping[str, Any],
+                 dt_columns: Sequence[str] = DT_COLUMNS) -> None:
         self.state = state
         self.now_ms = now_ms
         self.half_life_ms = half_life_days * DAY_MS
-        self.base = _ms_row(row)  # what the epoch-ms closures read
+        self.base = _ms_row(row, dt_columns)  # what the epoch-ms closures read
         self.work = dict(self.base)  # reused for every instant: only the moving columns are rewritten
-        orders = state.orders
-        self.times = [o[0] for o in orders]
-        self.sorted = all(a <= b for a, b in zip(self.times, self.times[1:], strict=False))
+        self._times: list[float] | None = None  # the orders' instants, when a window is first asked for
+        self.sorted = True  # whether they are in order (set with them)
+        self._keys_settled: dict[frozenset[str], int] = {}
         self._breakpoints: dict[tuple[int, ...], list[int]] = {}
         self._windows: dict[tuple[int, int], tuple[int, float]] = {}
         self._affinity: dict[int, tuple[dict[str, float], str | None]] = {}
@@ -529,12 +533,20 @@ class _Context:
             return found
         orders = self.state.orders
         start = t - days * DAY_MS
+        times = self.times
         if self.sorted:
-            inside = orders[bisect_right(self.times, start):bisect_right(self.times, t)]
+            inside = orders[bisect_right(times, start):bisect_right(times, t)]
         else:
             inside = [o for o in orders if start < o[0] <= t]
         found = self._windows[(t, days)] = (sum(int(o[2]) for o in inside), round(sum(o[1] for o in inside), 2))
         return found
+
+    @property
+    def times(self) -> list[float]:
+        if self._times is None:
+            self._times = [o[0] for o in self.state.orders]
+            self.sorted = all(a <= b for a, b in zip(self._times, self._times[1:], strict=False))
+        return self._times
 
     def breakpoints(self, windows: tuple[int, ...]) -> list[int]:
         """Instants after now at which a window of ``windows`` gains or loses an order."""
@@ -602,7 +614,11 @@ class _Context:
         """From then on, the affinities of ``keys`` (None: all) no longer change."""
         if keys is None:
             return self.all_settled_at()
-        return max((self.settled_at(k) for k in keys if k in self.state.affinity), default=self.now_ms)
+        found = self._keys_settled.get(keys)
+        if found is None:
+            found = self._keys_settled[keys] = max((self.settled_at(k) for k in keys if k in self.state.affinity),
+                                                   default=self.now_ms)
+        return found
 
     def row_at(self, t: int, plan: _Plan) -> dict[str, Any]:
         """The columns at ``t`` (the shared work row: valid until the next call)."""
@@ -1049,7 +1065,7 @@ def next_check_at(state: ProfileState, segments: Sequence[Segment], now_ms: int,
         return None
     if row is None:
         row = columns(state, now_ms, half_life_days=half_life_days)
-    ctx = _Context(state, now_ms, half_life_days, row)
+    ctx = _Context(state, now_ms, half_life_days, row, _set_inputs(plans).dt_columns)
     best: int | None = None
     for segment, plan in plans:
         due = _segment_deadline(segment, plan, ctx, sweep_ms, best)
@@ -1125,6 +1141,7 @@ class _SetInputs:
     columns: tuple[str, ...]  # every held column any of them reads
     orders: bool
     affinity: bool
+    dt_columns: tuple[str, ...]  # the date-time columns any of them reads (converted to epoch ms per call)
 
 
 _SET_INPUTS: dict[int, _SetInputs] = {}
@@ -1136,8 +1153,9 @@ def _set_inputs(plans: list[tuple[Segment, _Plan]]) -> _SetInputs:
         return found
     tokens = tuple(_inputs_of(segment, plan).tokens for segment, plan in plans)
     every = set().union(*tokens)
+    read = set().union(*(segment.predicate.columns for segment, _ in plans))
     found = _SetInputs(plans, tokens, tuple(sorted(t for t in every if not t.startswith("#"))), ORDERS in every,
-                       any(t.startswith(ANY_AFFINITY) for t in every))
+                       any(t.startswith(ANY_AFFINITY) for t in every), tuple(c for c in DT_COLUMNS if c in read))
     if len(_SET_INPUTS) > 64:
         _SET_INPUTS.clear()
     _SET_INPUTS[id(plans)] = found
@@ -1254,7 +1272,7 @@ class DeadlineCache:
             if entry is not None and entry[1] is not None and best is not None and entry[1] >= best:
                 continue  # not before its bound, which is not before the best: it cannot be the result
             if ctx is None:
-                ctx = _Context(state, now_ms, half_life_days, row)
+                ctx = _Context(state, now_ms, half_life_days, row, info.dt_columns)
             segment, plan = plans[i]
             due, exact = _segment_walk(segment, plan, ctx, sweep_ms, best)
             self.searched += 1
