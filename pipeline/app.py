@@ -61,7 +61,7 @@ from pipeline.profile import ProfileState
 from pipeline.recovery import CompleteTableManager, fetched_ends
 from pipeline.registry import RegistrySchemas, schema_source
 from pipeline.segments.definitions import Segment
-from pipeline.segments.live import SENTINEL_PREFIX, DefinitionLog, SetHistory, backfill, set_fingerprint
+from pipeline.segments.live import SENTINEL_PREFIX, DefinitionLog, SetHistory, set_fingerprint
 from pipeline.settings import Settings
 from pipeline.sinks.clickhouse import CHANGE_TABLES, EVENT_TABLES, PROFILE_TABLES, ClickHouseWriter, event_row
 from pipeline.sinks.cluster import cluster_from_settings
@@ -857,7 +857,9 @@ def create_app(settings: Settings, segments: Sequence[Segment], *, live_definiti
         members). Only what changed for a profile is sent and written (``backfill``)."""
         sends: list[Any] = []
         writes: list[Write] = []
-        fingerprint = definitions.fingerprint
+        scan = history.scan(definitions.current, definitions.fingerprint, config)
+        event_clock = clock.mode == "event"
+        checked = 0
         for partition in list(scan_from):
             if budget <= 0:
                 break
@@ -869,24 +871,23 @@ def create_app(settings: Settings, segments: Sequence[Segment], *, live_definiti
                 scan_from[partition] = chunk[-1][0]
             now_ms = clock.now_ms(partition)
             for key, value in chunk:
-                state = _decode_state(value)
-                if state is None:
-                    continue
-                scan_stats["checked"] = scan_stats.get("checked", 0) + 1
-                if state.definitions == fingerprint:
-                    timers.put(partition, key, state.next_check_at)
-                    continue
-                at = max(now_ms, state.updated_at) if clock.mode == "event" else now_ms
-                change = history.change(state.definitions, fingerprint)
-                done = backfill(state, at, definitions.current, fingerprint, change, config)
-                scan_stats["full" if done.full else "backfilled"] += 1
-                if done.write:
-                    scan_stats["written"] += 1
-                    writes.append((store, key, partition, _encode_state(state)))
-                if done.result.changes or done.result.row is not None:
-                    scan_stats["changes"] += len(done.result.changes)
-                    await emit(key, done.result, sends)
-                timers.put(partition, key, done.due)
+                if not value:
+                    continue  # erased
+                checked += 1
+                # Reads only what it needs of the stored value (live.Scan: most profiles, for a
+                # selective new segment, are decided from a few fields and left as stored).
+                found = scan.check(value, now_ms, event_clock=event_clock)
+                done = found.done
+                if done is not None:
+                    scan_stats["full" if done.full else "backfilled"] += 1
+                    if done.write:
+                        scan_stats["written"] += 1
+                        writes.append((store, key, partition, _encode_state(found.state)))
+                    if done.result.changes or done.result.row is not None:
+                        scan_stats["changes"] += len(done.result.changes)
+                        await emit(key, done.result, sends)
+                timers.put(partition, key, found.due)
+        scan_stats["checked"] = scan_stats.get("checked", 0) + checked
         await deliver(sends, writes)
 
     sink_markers = Completion()

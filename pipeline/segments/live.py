@@ -22,6 +22,8 @@ import json
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
+from functools import lru_cache
 from typing import Any
 
 from pipeline.errors import DefinitionError
@@ -29,7 +31,8 @@ from pipeline.processor import Config, StepResult, advance, reevaluate, schedule
 from pipeline.profile import DAY_MS, WINDOWS_DAYS, ProfileState, _ms_to_dt, affinities, columns
 from pipeline.profile_encoding import decode, decode_fields
 from pipeline.segments.columns import PROFILE_COLUMNS
-from pipeline.segments.deadlines import next_check_at, plan_of
+from pipeline.segments.compiler import Compiled, compile_where
+from pipeline.segments.deadlines import TIME_COLUMNS, next_check_at, plan_of
 from pipeline.segments.definitions import Segment, parse_segments
 from pipeline.segments.membership import diff, evaluate
 
@@ -183,10 +186,29 @@ class SetChange:
     defined: frozenset[str]  # every id of the set in force (a member of any other id exits)
     removed: frozenset[str]  # ids of the older set that are gone or edited
     fields: frozenset[str] | None = None  # the ProfileState fields the fast path reads (None: all of them)
+    # Per evaluated segment, its top-level AND terms that read nothing time moves (compiled alone):
+    # one false (or NULL) rules the segment out until an event, whatever the time (see open_segments).
+    gates: tuple[tuple[Compiled, ...], ...] = ()
+    gate_reads: frozenset[str] = frozenset()  # the columns the gates read (and consent)
+    gate_fields: frozenset[str] | None = None  # the fields those columns read (None: all of them)
+    _open: dict[tuple[bool, ...], list[Segment]] = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def additions_only(self) -> bool:
         return not self.removed
+
+    def open_segments(self, row: dict[str, Any], at: datetime) -> list[Segment]:
+        """The evaluated segments the profile (``row`` holding ``gate_reads``) may belong to, now or
+        later without an event: not those whose consent is missing or one of whose gates is not true
+        (a constant false AND term; next_check_at has no instant for them either). One list object
+        per outcome (next_check_at's planner caches per list)."""
+        consent = row.get("consent_marketing") is True
+        outcome = tuple((consent or segment.requires_consent != "marketing") and all(g(row, at) for g in gates)
+                        for segment, gates in zip(self.evaluate, self.gates, strict=True))
+        chosen = self._open.get(outcome)
+        if chosen is None:
+            chosen = self._open[outcome] = [s for s, keep in zip(self.evaluate, outcome, strict=True) if keep]
+        return chosen
 
 
 def set_change(old: Sequence[Segment], new: Sequence[Segment]) -> SetChange:
@@ -198,8 +220,27 @@ def set_change(old: Sequence[Segment], new: Sequence[Segment]) -> SetChange:
     now = {s.id: definition_fingerprint(definition_record(s)) for s in new}
     removed = frozenset(sid for sid, fp in before.items() if now.get(sid) != fp)
     reads = frozenset({"consent_marketing"}.union(*(s.predicate.columns for s in chosen)))
+    gates = tuple(_gates(s.where) for s in chosen)
+    gate_reads = frozenset({"consent_marketing"}.union(*(g.columns for terms in gates for g in terms)))
     return SetChange(chosen, reads, frozenset(s.id for s in chosen), frozenset(now), removed,
-                     _fields_read(reads, chosen))
+                     _fields_read(reads, chosen), gates, gate_reads, _fields_read(gate_reads, ()))
+
+
+@lru_cache(maxsize=1024)
+def _gates(where: str) -> tuple[Compiled, ...]:
+    """The top-level AND terms of ``where`` that read no input moving with time (now(), windows,
+    affinities, top_category) nor one evaluation writes (SELF_COLUMNS), each compiled on its own.
+    Such a term keeps its value until an event; when it is not true, the whole predicate is not
+    (an AND with a false or NULL term, or one that raises, which the predicate takes as false)."""
+    out = []
+    for term in compile_where(where).terms:
+        try:
+            compiled = compile_where(term.sql)
+        except DefinitionError:  # not a condition on its own (e.g. a bare string): no gate from it
+            continue
+        if not compiled.uses_now and not compiled.columns & (TIME_COLUMNS | SELF_COLUMNS):
+            out.append(compiled)
+    return tuple(out)
 
 
 class SetHistory:
@@ -211,6 +252,7 @@ class SetHistory:
         self.limit = limit
         self._sets: dict[str, list[Segment]] = {}
         self._changes: dict[tuple[str, str], SetChange] = {}
+        self._scan: Scan | None = None
 
     def add(self, segments: Sequence[Segment]) -> str:
         fingerprint = set_fingerprint(segments)
@@ -222,6 +264,13 @@ class SetHistory:
 
     def __contains__(self, fingerprint: object) -> bool:
         return fingerprint in self._sets
+
+    def scan(self, segments: Sequence[Segment], fingerprint: str, config: Config) -> Scan:
+        """The scan under the set ``fingerprint`` (``segments``), kept across the worker's chunks
+        (what it learnt of the fields to read, and how many profiles are written)."""
+        if self._scan is None or self._scan.fingerprint != fingerprint or self._scan.segments is not segments:
+            self._scan = Scan(segments, fingerprint, self, config)
+        return self._scan
 
     def change(self, old: str | None, new: str) -> SetChange | None:
         """What changed from set ``old`` to set ``new`` (None: either is unknown). Cached, so the
@@ -331,8 +380,8 @@ class Backfill:
 
 
 def backfill(state: ProfileState, now_ms: int, segments: Sequence[Segment], fingerprint: str,
-             change: SetChange | None, config: Config, *, full: Callable[[], ProfileState] | None = None,
-             ) -> Backfill:
+             change: SetChange | None, config: Config, *,
+             load: Callable[[frozenset[str] | None], ProfileState] | None = None) -> Backfill:
     """Bring a profile evaluated under another definition set up to ``segments`` (fingerprint
     ``fingerprint``) at ``now_ms``: the same memberships as a full evaluation.
 
@@ -351,27 +400,37 @@ def backfill(state: ProfileState, now_ms: int, segments: Sequence[Segment], fing
     Otherwise (older set unknown, or a check due) the full path: time's transitions, then every
     segment again, the next check from scratch, and a write.
 
-    With ``full``, ``state`` may hold only ``change.fields`` (``profile_encoding.decode_fields``):
-    ``full()`` gives the whole profile when it is to be written. The result's state is then that
-    whole profile when ``write``, else the partial one (never to be written or sent)."""
+    Segments ruled out by a gate (``SetChange.open_segments``: a false AND term that time cannot
+    change, or no consent) are not members and have no next check: only the others' columns are
+    computed (most profiles, for a selective new segment).
+
+    With ``load``, ``state`` may hold only ``change.gate_fields`` (``profile_encoding.decode_fields``):
+    ``load(fields)`` reads the stored profile again with at least ``fields`` (None: all of them, to
+    be written). The result's state is then the whole profile when ``write``, else a partial one
+    (never to be written or sent)."""
     due = state.next_check_at
     if change is None or (due is not None and due <= now_ms):
-        if full is not None:
-            state = full()
+        if load is not None:
+            state = load(None)
         first = advance(state, now_ms, segments, config)
         second = reevaluate(state, now_ms, segments, config, cause="definition_changed")
         state.definitions = fingerprint
         schedule(state, now_ms, segments, config, row=second.evaluated)
         row = second.row if second.row is not None else first.row
         return Backfill(StepResult(state, first.changes + second.changes, row), True, state.next_check_at, full=True)
-    row = columns_for(state, now_ms, change.reads, config.half_life_days)
+    row = columns_for(state, now_ms, change.gate_reads, config.half_life_days)
     at = to_datetime(now_ms)
-    members = evaluate(row, change.evaluate, at)
+    chosen = change.open_segments(row, at)
+    if chosen:
+        if load is not None:
+            state = load(change.fields)
+        row.update(columns_for(state, now_ms, change.reads - row.keys(), config.half_life_days))
+    members = evaluate(row, chosen, at)
     members |= {sid for sid in state.segments if sid not in change.ids and sid in change.defined}
     changes = []
     if members != set(state.segments):
-        if full is not None:
-            state = full()  # to be written: every field (the row's values are the same from either)
+        if load is not None:
+            state = load(None)  # to be written: every field (the row's values are the same from either)
         if len(row) < len(PROFILE_COLUMNS):  # the profile row is sent: every column
             row = columns(state, now_ms, half_life_days=config.half_life_days)
         state.version += 1
@@ -386,8 +445,8 @@ def backfill(state: ProfileState, now_ms: int, segments: Sequence[Segment], fing
         row["version"] = state.version
         row["updated_at"] = at
         row["segments"] = sorted(state.segments)
-    fresh = next_check_at(state, change.evaluate, now_ms, half_life_days=config.half_life_days,
-                          sweep_ms=config.sweep_ms, row=row)
+    fresh = next_check_at(state, chosen, now_ms, half_life_days=config.half_life_days,
+                          sweep_ms=config.sweep_ms, row=row) if chosen else None
     if fresh is not None and fresh <= now_ms:
         fresh = now_ms + 1  # schedule()'s contract: strictly later
     nxt = fresh if due is None else due if fresh is None else min(due, fresh)
@@ -418,6 +477,9 @@ class Scan:
         self.config = config
         self.fields: frozenset[str] | None = SCAN_FIELDS  # grows to the fields of the changes met
         self.fallbacks = 0  # fast paths redone from the whole profile (a field read that fields missed)
+        self.fast = 0  # profiles that took backfill's fast path
+        self.written = 0  # of which written (read twice when read partly first)
+        self.whole_above: float | None = 0.5  # written share above which profiles are read whole at once
 
     def check(self, value: bytes, now_ms: int, *, event_clock: bool = False) -> Checked:
         """One stored profile (``value``, non-empty) at ``now_ms``; with the event clock a profile is
@@ -428,14 +490,22 @@ class Scan:
         at = max(now_ms, state.updated_at) if event_clock else now_ms
         change = self.history.change(state.definitions, self.fingerprint)
         due = state.next_check_at
-        if change is None or change.fields is None or (due is not None and due <= at):
+        if (change is None or change.fields is None or change.gate_fields is None or self.fields is None
+                or (due is not None and due <= at)):  # every field read (or written): the whole profile
             return self._done(backfill(decode(value), at, self.segments, self.fingerprint, change, self.config))
-        if self.fields is not None and not change.fields <= self.fields:
-            self.fields |= change.fields  # profiles under one older set need the same: read them from now on
+        self.fast += 1
+        if self.whole_above is not None and self.fast > 64 and self.written > self.whole_above * self.fast:
+            # Most profiles are written (a segment most enter): reading them partly first costs more.
+            return self._done(backfill(decode(value), at, self.segments, self.fingerprint, change, self.config))
+        if not change.gate_fields <= self.fields:
+            self.fields |= change.gate_fields  # profiles under one older set need the same: read them from now on
             state = decode_fields(value, self.fields)
+
+        def load(fields: frozenset[str] | None) -> ProfileState:
+            return decode(value) if fields is None or self.fields is None else decode_fields(value, fields)
+
         try:
-            done = backfill(state, at, self.segments, self.fingerprint, change, self.config,
-                            full=lambda: decode(value))
+            done = backfill(state, at, self.segments, self.fingerprint, change, self.config, load=load)
         except AttributeError as exc:
             # A reader of the profile (a column, the deadline search) needs a field not listed in
             # _COLUMN_FIELDS/_fields_read: exact from the whole profile, and from now on read in full.
@@ -446,6 +516,6 @@ class Scan:
             done = backfill(decode(value), at, self.segments, self.fingerprint, change, self.config)
         return self._done(done)
 
-    @staticmethod
-    def _done(done: Backfill) -> Checked:
+    def _done(self, done: Backfill) -> Checked:
+        self.written += done.write and not done.full
         return Checked(done.result.state, done.due, done)

@@ -78,6 +78,9 @@ ADDED = """
     where: version >= 5  # reads what evaluation writes: evaluated again on every backfill
   - id: new_windows
     where: spend_90d >= 100 OR (orders_365d >= 2 AND has(survey_interests, 'cooking_classes'))
+  - id: new_gated
+    where: has(survey_interests, 'cooking_classes') AND category_affinity['cookware'] >= 0.2 AND nps >= 5
+    requires_consent: marketing
 """
 
 
@@ -90,7 +93,7 @@ def _sets():
         "segments:\n  - id: recent_books\n    where: category_affinity['books'] >= 0.05\n")
     removed = [s for s in added if s.id not in ("month_buyers", "new_cooks")]
     selective = [*base, *(s for s in added if s.id in ("new_lapsing", "new_cooks"))]
-    windows = [*base, *(s for s in added if s.id in ("new_windows", "new_cooks"))]
+    windows = [*base, *(s for s in added if s.id in ("new_windows", "new_gated"))]
     return base, {"added": added, "selective": selective, "edited": edited, "removed": removed,
                   "windows": windows}
 
@@ -147,6 +150,8 @@ def test_a_backfill_gives_the_memberships_of_a_full_evaluation(kind):
     assert len(profiles) > 100
     fast_path = written = checks = partial = 0
     scan = Scan(new, new_fp, history, config)  # the worker's path: from the stored bytes, read partly
+    partly = Scan(new, new_fp, history, config)
+    partly.whole_above = None  # never read whole first (these profiles are mostly written: scan reads them whole)
     for template in profiles:
         template = ProfileState.from_dict({**template.to_dict(), "definitions": old_fp})
         value = encode(template)
@@ -167,15 +172,14 @@ def test_a_backfill_gives_the_memberships_of_a_full_evaluation(kind):
                 assert fast.to_dict() == template.to_dict() and not done.result.changes
             else:
                 assert fast.definitions == new_fp and fast.next_check_at == done.due
-            via = scan.check(value, at)
-            assert via.done is not None and via.due == done.due
-            assert (via.done.write, via.done.full) == (done.write, done.full)
-            assert [c.to_dict() for c in via.done.result.changes] == [c.to_dict() for c in done.result.changes]
-            assert via.done.result.row == done.result.row
-            if done.write:
-                assert via.state == fast  # the whole profile, as written
-            else:
-                partial += not hasattr(via.state, "traits")  # a field no segment reads: not decoded
+            for via in (scan.check(value, at), partly.check(value, at)):
+                assert via.done is not None and via.due == done.due
+                assert (via.done.write, via.done.full) == (done.write, done.full)
+                assert [c.to_dict() for c in via.done.result.changes] == [c.to_dict() for c in done.result.changes]
+                assert via.done.result.row == done.result.row
+                if done.write:
+                    assert via.state == fast  # the whole profile, as written
+            partial += not done.write and not hasattr(via.state, "traits")  # a field no segment reads: not decoded
             written += done.write
             checks += 1
             exact = next_check_at(fast, new, at, half_life_days=config.half_life_days, sweep_ms=config.sweep_ms)
@@ -190,7 +194,7 @@ def test_a_backfill_gives_the_memberships_of_a_full_evaluation(kind):
             advance(full, at + 60 * DAY_MS, new, config)
             assert fast.segments.keys() == full.segments.keys()
     assert fast_path > len(profiles)  # most profiles took the fast path
-    assert scan.fallbacks == 0  # decode_fields read every field the fast path needed
+    assert scan.fallbacks == partly.fallbacks == 0  # decode_fields read every field the fast path needed
     if kind in ("selective", "windows"):  # no segment of theirs needs the whole row
         assert partial >= (checks - written) // 2
     if kind == "selective":
@@ -226,3 +230,14 @@ def test_the_columns_a_backfill_computes_are_those_of_profile_columns():
                     partial = decode_fields(value, frozenset(_COLUMN_FIELDS[name]))
                     assert columns_for(partial, at, frozenset({name}), 30.0)[name] == full[name], name
             assert columns_for(state, at, frozenset(PROFILE_COLUMNS), 30.0) == full
+
+
+def test_gates_are_the_and_terms_time_cannot_change():
+    from pipeline.segments.live import _gates
+
+    where = ("has(survey_interests, 'cooking_classes') AND category_affinity['cookware'] >= 0.2 AND nps >= 5 "
+             "AND dateDiff('day', last_seen_at, now()) <= 30 AND (orders_30d >= 1 OR orders_count >= 3) "
+             "AND version >= 2")
+    assert [g.sql for g in _gates(where)] == ["has(survey_interests, 'cooking_classes')", "nps >= 5"]
+    assert _gates("orders_count >= 1 OR nps >= 5")[0].columns == {"orders_count", "nps"}
+    assert _gates("orders_30d >= 1") == ()
