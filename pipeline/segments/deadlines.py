@@ -92,9 +92,10 @@ taken as constant between events.
 from __future__ import annotations
 
 import math
+import operator
 from bisect import bisect_right
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from functools import lru_cache
 from typing import Any
@@ -162,7 +163,8 @@ def _ms_row(row: Mapping[str, Any], dt_columns: Sequence[str] = DT_COLUMNS) -> d
     for name in dt_columns:
         value = out.get(name)
         if isinstance(value, datetime):
-            out[name] = epoch_ms(value)
+            # epoch_ms's fast path inlined: a whole millisecond (every profile date-time) rounds exactly
+            out[name] = round(value.timestamp() * 1000) if value.microsecond % 1000 == 0 else epoch_ms(value)
     return out
 
 
@@ -545,7 +547,7 @@ class _Context:
     def times(self) -> list[float]:
         if self._times is None:
             self._times = [o[0] for o in self.state.orders]
-            self.sorted = all(a <= b for a, b in zip(self._times, self._times[1:], strict=False))
+            self.sorted = all(map(operator.le, self._times, self._times[1:]))  # a <= b pairwise, in C
         return self._times
 
     def breakpoints(self, windows: tuple[int, ...]) -> list[int]:
@@ -1143,6 +1145,28 @@ class _SetInputs:
     affinity: bool
     dt_columns: tuple[str, ...]  # the date-time columns any of them reads (converted to epoch ms per call)
 
+    getter: Callable[[Mapping[str, Any]], Any] | None = None  # itemgetter of columns, when there are 2 or more
+    users: Mapping[str, tuple[int, ...]] = field(default_factory=dict)  # token -> the segments (indexes) reading it
+
+    def stale(self, dirty: set[str]) -> set[int]:
+        """The indexes of the segments that read one of the ``dirty`` inputs."""
+        out: set[int] = set()
+        users = self.users
+        for token in dirty:
+            found = users.get(token)
+            if found:
+                out.update(found)
+        return out
+
+    def values_of(self, row: Mapping[str, Any]) -> tuple[Any, ...]:
+        """The row's values of ``columns`` (None for a missing one)."""
+        if self.getter is not None:
+            try:
+                return self.getter(row)  # type: ignore[no-any-return]
+            except KeyError:
+                pass
+        return tuple(row.get(c) for c in self.columns)
+
 
 _SET_INPUTS: dict[int, _SetInputs] = {}
 
@@ -1154,8 +1178,11 @@ def _set_inputs(plans: list[tuple[Segment, _Plan]]) -> _SetInputs:
     tokens = tuple(_inputs_of(segment, plan).tokens for segment, plan in plans)
     every = set().union(*tokens)
     read = set().union(*(segment.predicate.columns for segment, _ in plans))
-    found = _SetInputs(plans, tokens, tuple(sorted(t for t in every if not t.startswith("#"))), ORDERS in every,
-                       any(t.startswith(ANY_AFFINITY) for t in every), tuple(c for c in DT_COLUMNS if c in read))
+    held = tuple(sorted(t for t in every if not t.startswith("#")))
+    users = {token: tuple(i for i, mine in enumerate(tokens) if token in mine) for token in every}
+    found = _SetInputs(plans, tokens, held, ORDERS in every, any(t.startswith(ANY_AFFINITY) for t in every),
+                       tuple(c for c in DT_COLUMNS if c in read), operator.itemgetter(*held) if len(held) > 1 else None,
+                       users)
     if len(_SET_INPUTS) > 64:
         _SET_INPUTS.clear()
     _SET_INPUTS[id(plans)] = found
@@ -1186,7 +1213,8 @@ class _Memo:
 def _dirty(info: _SetInputs, memo: _Memo, values: tuple[Any, ...], orders: tuple[tuple[float, ...], ...] | None,
            affinity: dict[str, tuple[float, float]] | None) -> set[str]:
     """The tokens of the inputs that differ from the memo's."""
-    dirty = {c for c, a, b in zip(info.columns, values, memo.values, strict=True) if not _same(a, b)}
+    # the same object is the same input (most held values: strings, None, small ints), no call needed
+    dirty = {c for c, a, b in zip(info.columns, values, memo.values, strict=True) if a is not b and not _same(a, b)}
     if orders != memo.orders:
         dirty.add(ORDERS)
     if affinity != memo.affinity:
@@ -1236,7 +1264,7 @@ class DeadlineCache:
         info = _set_inputs(plans)
         if row is None:
             row = columns(state, now_ms, half_life_days=half_life_days)
-        values = tuple(row.get(c) for c in info.columns)
+        values = info.values_of(row)
         orders = tuple(tuple(o) for o in state.orders) if info.orders else None
         affinity = {k: (v[0], v[1]) for k, v in state.affinity.items()} if info.affinity else None
         entries: list[_Entry | None] = [None] * len(plans)
@@ -1245,9 +1273,9 @@ class DeadlineCache:
         bounded: list[int] = []
         if (memo is not None and memo.inputs is info and memo.half_life_days == half_life_days
                 and memo.sweep_ms == sweep_ms):
-            dirty = _dirty(info, memo, values, orders, affinity)
+            stale = info.stale(_dirty(info, memo, values, orders, affinity))
             for i, entry in enumerate(memo.entries):
-                if entry is not None and entry[0] <= now_ms and dirty.isdisjoint(info.tokens[i]):
+                if entry is not None and entry[0] <= now_ms and i not in stale:
                     due = entry[1]
                     if due is None:
                         entries[i] = entry  # never changes
