@@ -94,7 +94,9 @@ class BatchedTopic:
         getmany = consumer.getmany
         names = self.topic_names
         read_offset = consumer._read_offset
-        acks_enabled_for = self.app.topics.acks_enabled_for
+        app = self.app
+        acks_enabled_for = app.topics.acks_enabled_for
+        flow_control = app.flow_control
         append = self._append
 
         async def batched_getmany(timeout: float) -> AsyncIterator[tuple[Any, Any]]:
@@ -102,6 +104,14 @@ class BatchedTopic:
             async for tp, message in getmany(timeout=timeout):
                 if tp.topic not in names:
                     yield tp, message
+                    continue
+                if not flow_control.is_active():
+                    # A rebalance is under way: as faust's conductor does, hold the record until flow
+                    # resumes (after faust cleared its buffers and sought to the committed offsets).
+                    await flow_control.acquire()
+                if message.generation_id != app.consumer_generation_id:
+                    # Fetched before that rebalance: the seek reads it again. Its offset is not
+                    # noted as read, or the records before it would be skipped as read already.
                     continue
                 # What faust's drain loop does with a record before delivering it: skip what was
                 # read already (a seek back), note gaps in the offsets (they would hold commits back).
