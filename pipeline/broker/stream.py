@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -136,10 +137,14 @@ class BatchedTopic:
         consumer.getmany = batched_getmany
 
     async def _wait_for_space(self, consumer: Any) -> None:
+        """The agent is this far behind: hold faust's drain loop (and so its fetches of every
+        partition) until it took half, or faust stops the flow (a rebalance: it clears the buffer)."""
         space = self._event("space")
         space.clear()
-        while len(self._pending) >= self.max_buffered and not consumer.should_stop:
-            await consumer.wait_first(space.wait(), consumer.suspend_flow.wait(), timeout=1.0)
+        while (len(self._pending) >= self.max_buffered and not consumer.should_stop
+               and not consumer.suspend_flow.is_set()):
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(space.wait(), 1.0)
             space.clear()
 
     def _event(self, name: str) -> asyncio.Event:

@@ -47,11 +47,12 @@ class Fetches:
 class Scenario:
     """The app, its consumer and an agent whose body records each batch's values and may fail."""
 
-    def __init__(self, tmp_path: Path, *, fail_on: bytes | None = None, max_: int = 100) -> None:
+    def __init__(self, tmp_path: Path, *, fail_on: bytes | None = None, max_: int = 100,
+                 max_buffered: int = 1000) -> None:
         self.app = faust.App(f"batched-{tmp_path.name}", broker="kafka://127.0.0.1:9", store="memory://",
                              datadir=str(tmp_path), web_enabled=False)
         self.topic = self.app.topic(TOPIC, key_serializer="raw", value_serializer="raw")
-        self.batched = BatchedTopic(self.app, self.topic)
+        self.batched = BatchedTopic(self.app, self.topic, max_buffered=max_buffered)
         self.consumer = self.app.consumer  # faust's consumer, created through the hook
         self.fetches = Fetches(self.app)
         self.bodies: list[list[bytes]] = []
@@ -277,3 +278,31 @@ def test_a_record_fetched_during_a_rebalance_waits_for_flow_to_resume_and_a_stal
     assert out["held"]
     assert out["bodies"] == [[b"held"]]
     assert out["acked"] == [0]
+
+
+def test_the_drain_loop_waits_while_the_agent_is_max_buffered_records_behind(tmp_path):
+    async def scenario() -> dict[str, Any]:
+        s = Scenario(tmp_path, max_=2, max_buffered=4)
+
+        async def body() -> dict[str, Any]:
+            s.release.clear()
+            for offset in range(10):
+                s.fetches.record(TOPIC, 0, offset, f"{offset}".encode())
+            draining = asyncio.ensure_future(s.drain())
+            await asyncio.wait_for(s.in_body.wait(), HANG_GUARD_SECONDS)
+            await asyncio.sleep(0.1)
+            # Four fetched, then the drain loop waited; one batch of two in hand, two waiting: it
+            # still waits (until the agent is under half of max_buffered behind).
+            behind = {"draining": not draining.done(), "pending": len(s.batched._pending)}
+            s.release.set()
+            await asyncio.wait_for(draining, HANG_GUARD_SECONDS)
+            await s.wait_for_bodies(5)
+            return {"behind": behind, "bodies": s.bodies, "acked": s.acked(0)}
+
+        return await _in_context(s, body)
+
+    out = run(scenario())
+    assert out["behind"] == {"draining": True, "pending": 2}
+    assert [v for batch in out["bodies"] for v in batch] == [f"{i}".encode() for i in range(10)]
+    assert all(len(batch) <= 2 for batch in out["bodies"])
+    assert out["acked"] == list(range(10))
