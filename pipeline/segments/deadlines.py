@@ -218,6 +218,7 @@ class _Plan:
     static_terms: tuple[Fn, ...]  # top-level AND terms that never change with time
     probes: tuple[_Probe, ...]
     member: Callable[[dict[str, Any], int], bool] | None = None  # the predicate, epoch-ms form
+    aff_keys: frozenset[str] | None = None  # the affinity keys it reads, when only literal keys (_affinity_keys)
 
 
 def _is_now(node: Any) -> bool:  # sqlglot's Expr/Expression annotations vary by version
@@ -492,7 +493,7 @@ def _plan(text: str, compiled_columns: frozenset[str], uses_now: bool) -> _Plan:
     except _Unsupported as exc:
         sweep = f"not provably monotone: {exc}"
     return _Plan(False, sweep, windows, reads_aff, reads_top, uses_now, static_terms, tuple(probes),
-                 _member_fn(tree))
+                 _member_fn(tree), _affinity_keys(text) if reads_aff else None)
 
 
 def plan_of(compiled: Compiled) -> _Plan:
@@ -627,8 +628,12 @@ class _Context:
         row = self.work
         for days in plan.windows:
             row[f"orders_{days}d"], row[f"spend_{days}d"] = self.window(t, days)
-        if plan.reads_aff or plan.reads_top:
+        if plan.reads_top or (plan.reads_aff and plan.aff_keys is None):
             row[AFFINITY], row[TOP] = self.affinity_top(t)
+        elif plan.reads_aff:
+            # only the keys it reads (by literal subscripts or mapContains): a missing key reads as in the whole
+            # map, so the predicate's value is the same, without scoring every category and ranking them
+            row[AFFINITY] = self.affinity_at(t, plan.aff_keys)
         return row
 
     # top_category
