@@ -518,8 +518,9 @@ class _Context:
         self.state = state
         self.now_ms = now_ms
         self.half_life_ms = half_life_days * DAY_MS
-        self.base = _ms_row(row, dt_columns)  # what the epoch-ms closures read
-        self.work = dict(self.base)  # reused for every instant: only the moving columns are rewritten
+        # What the epoch-ms closures read, reused for every instant: only the moving columns are rewritten. The
+        # static terms read it too (at now): they read no moving column, so the instant it was last set to is moot.
+        self.base = self.work = _ms_row(row, dt_columns)
         self._times: list[float] | None = None  # the orders' instants, when a window is first asked for
         self.sorted = True  # whether they are in order (set with them)
         self._keys_settled: dict[frozenset[str], int] = {}
