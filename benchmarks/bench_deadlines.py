@@ -8,9 +8,10 @@ hour before "now", as bench_pipeline.py produces it) through ``pipeline.decode.d
 (pipeline/segments/default.yaml) and (b) the 50 benchmark segments (benchmarks/segments_50.yaml).
 Prints µs per call (mean, p50, p99) and writes JSON.
 
-``--baseline REV`` also times the ``deadlines.py`` of a git revision on the same calls (loaded from
-``git show REV:pipeline/segments/deadlines.py`` as a separate module) and checks that both give the
-same instant on every call.
+``--baseline REV`` also times the ``next_check_at`` of a git revision on the same calls (the whole
+``pipeline`` package of that revision, exported with ``git archive`` into a temporary directory as a
+package of another name, so its compiler comes with it) and checks that both give the same instant on
+every call.
 
     .venv/bin/python benchmarks/bench_deadlines.py [--customers 300] [--events 4000] [--baseline 2e8891d]
 """
@@ -18,16 +19,22 @@ same instant on every call.
 from __future__ import annotations
 
 import argparse
+import atexit
 import copy
-import importlib.util
+import importlib
+import io
 import json
+import re
+import shutil
 import statistics
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 from pipeline.decode import decode
@@ -69,20 +76,22 @@ def profiles(customers: int, events: int, seed: int, now_ms: int) -> list[Profil
     return snapshots
 
 
-def time_calls(fn: NextCheck, states: Sequence[ProfileState], segments: Sequence[Segment], now_ms: int,
-               repeat: int) -> tuple[list[float], list[int | None]]:
-    """µs per call (the best of ``repeat`` runs per call) and the answers."""
+def time_calls(variants: dict[str, tuple[NextCheck, Sequence[Segment]]], states: Sequence[ProfileState],
+               now_ms: int, repeat: int) -> dict[str, tuple[list[float], list[int | None]]]:
+    """Per variant (a function and its segments): µs per call (the best of ``repeat`` runs per call) and
+    the answers. The variants take turns call by call, so a change of the machine's load hits them alike."""
     config = Config()
-    answers = [fn(s, segments, now_ms, half_life_days=config.half_life_days, sweep_ms=config.sweep_ms)
-               for s in states]  # warm the plan caches
-    best = [float("inf")] * len(states)
+    answers = {name: [fn(s, segments, now_ms, half_life_days=config.half_life_days, sweep_ms=config.sweep_ms)
+                      for s in states] for name, (fn, segments) in variants.items()}  # warm the plan caches
+    best = {name: [float("inf")] * len(states) for name in variants}
     clock = time.perf_counter_ns
     for _ in range(repeat):
         for i, state in enumerate(states):
-            started = clock()
-            fn(state, segments, now_ms, half_life_days=config.half_life_days, sweep_ms=config.sweep_ms)
-            best[i] = min(best[i], (clock() - started) / 1000)
-    return best, answers
+            for name, (fn, segments) in variants.items():
+                started = clock()
+                fn(state, segments, now_ms, half_life_days=config.half_life_days, sweep_ms=config.sweep_ms)
+                best[name][i] = min(best[name][i], (clock() - started) / 1000)
+    return {name: (best[name], answers[name]) for name in variants}
 
 
 def summary(us: list[float]) -> dict[str, float]:
@@ -91,17 +100,39 @@ def summary(us: list[float]) -> dict[str, float]:
             "p99": round(ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))], 1)}
 
 
+def load_package(rev: str) -> str:
+    """Import the ``pipeline`` package as of git revision ``rev`` next to the current one: exported into a
+    temporary directory (removed at exit) as ``pipeline_<rev>``, its absolute imports renamed to match.
+    Returns the package name. Its objects are duck-typed alike (profiles, events, segments of either tree
+    work with the other's functions where the fields are the same)."""
+    name = "pipeline_" + re.sub(r"\W", "_", rev)
+    if name in sys.modules:
+        return name
+    archive = subprocess.run(["git", "archive", rev, "pipeline"], cwd=HERE.parent, check=True,
+                             capture_output=True).stdout
+    root = Path(tempfile.mkdtemp(prefix="bench-baseline-"))
+    atexit.register(shutil.rmtree, root, ignore_errors=True)
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+        tar.extractall(root, filter="data")
+    (root / "pipeline").rename(root / name)
+    for path in (root / name).rglob("*.py"):
+        text = path.read_text()
+        text = re.sub(r"\bfrom pipeline([. ])", rf"from {name}\1", text)
+        text = re.sub(r"\bimport pipeline\b", f"import {name}", text)
+        path.write_text(text.replace('"pipeline.', f'"{name}.'))
+    (root / "schemas").symlink_to(HERE.parent / "schemas")  # the package finds its schemas next to itself
+    sys.path.insert(0, str(root))
+    importlib.import_module(name)
+    return name
+
+
+def baseline_module(rev: str, module: str) -> ModuleType:
+    """``module`` (e.g. "processor", "segments.deadlines") of the ``pipeline`` package at ``rev``."""
+    return importlib.import_module(f"{load_package(rev)}.{module}")
+
+
 def load_revision(rev: str) -> NextCheck:
-    text = subprocess.run(["git", "show", f"{rev}:pipeline/segments/deadlines.py"], cwd=HERE.parent, check=True,
-                          capture_output=True, text=True).stdout
-    path = Path(tempfile.mkdtemp()) / "deadlines_baseline.py"
-    path.write_text(text)
-    spec = importlib.util.spec_from_file_location("deadlines_baseline", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["deadlines_baseline"] = module
-    spec.loader.exec_module(module)
-    fn: NextCheck = module.next_check_at
+    fn: NextCheck = baseline_module(rev, "segments.deadlines").next_check_at
     return fn
 
 
@@ -127,9 +158,13 @@ def main() -> None:
     print(f"{'segments':<13}{'variant':<22}{'mean µs':>10}{'p50 µs':>10}{'p99 µs':>10}")
     for name, path in SETS.items():
         segments = load_segments(path)
+        # each tree evaluates its own compiled segments (the baseline's compiler is its own)
+        own = {variant: (baseline_module(args.baseline, "segments.definitions").load_segments(path)
+                         if variant.startswith("baseline") else segments) for variant in variants}
         answers: dict[str, list[int | None]] = {}
-        for variant, fn in variants.items():
-            us, answers[variant] = time_calls(fn, states, segments, now_ms, args.repeat)
+        timed = time_calls({variant: (fn, own[variant]) for variant, fn in variants.items()}, states, now_ms,
+                           args.repeat)
+        for variant, (us, answers[variant]) in timed.items():
             stats = summary(us)
             results.append({"segments": name, "variant": variant, "calls": len(states), **stats})
             print(f"{name:<13}{variant:<22}{stats['mean']:>10}{stats['p50']:>10}{stats['p99']:>10}")
