@@ -33,6 +33,7 @@ from pipeline import codecs, profile_encoding
 from pipeline.api import WorkerBackend, build_api, dashboard_data, start_api, stop_api
 from pipeline.broker import topics as t
 from pipeline.broker.batches import FETCH_MAX_WAIT_MS, TAKE_LINGER_FRACTION, BatchConsumer
+from pipeline.broker.sends import Sends
 from pipeline.broker.stream import BatchedTopic
 from pipeline.cohorts import cohort, segment_sizes
 from pipeline.control import DONE, HEADER, MARKER, Completion, Marker, control_kind
@@ -325,30 +326,23 @@ def create_app(settings: Settings, segments: Sequence[Segment], *, live_definiti
 
     events_name = customer_events.get_topic_name()
 
-    async def produce(topic: str, key: bytes | None, value: bytes | None, *,
-                      headers: list[tuple[str, bytes]] | None = None) -> Any:
-        """Send raw bytes with faust's producer, without its per-message channel machinery
-        (FutureMessage, callbacks, sensors: about a tenth of the worker's time in a py-spy
-        profile). Returns the delivery future; the callers await it before their batch is acked."""
-        return await app.producer.send(topic, key, value, partition=None, timestamp=None, headers=headers)
-
     async def forward_marker(marker: Marker, *targets: Any) -> None:
         await asyncio.gather(*[
             await target.send(key=b"", value=marker.encode(), partition=p, headers=marker.headers())
             for target in targets for p in range(marker.partitions)
         ])
 
-    async def emit(key: bytes, result: StepResult, sends: list[Any],
+    async def emit(key: bytes, result: StepResult, sends: Sends,
                    rows: dict[bytes, dict[str, Any]] | None = None) -> None:
         """Send the changes; the profile row now, or into ``rows`` to send once per key per batch."""
         metrics.segment_changes_sent(result.changes)
         for change in result.changes:
-            sends.append(await produce(changes_name, key, value=codecs.encode_change(change.to_dict())))
+            sends.add(changes_name, key, value=codecs.encode_change(change.to_dict()))
         if result.row is not None:
             if rows is not None:
                 rows[key] = result.row  # a later row of the same customer in the batch supersedes it
             else:
-                sends.append(await produce(profiles_name, key, value=codecs.encode_profile(result.row)))
+                sends.add(profiles_name, key, value=codecs.encode_profile(result.row))
 
     async def ingest(batch: Sequence[Any]) -> None:
         """Decode a batch of input records and repartition them by customer (``customer-events``);
@@ -358,7 +352,7 @@ def create_app(settings: Settings, segments: Sequence[Segment], *, live_definiti
             ids = {i for r in batch if (i := schema_id_of(r.value))}
             if resolver.missing(ids):
                 await asyncio.get_running_loop().run_in_executor(None, resolver.prefetch, ids)
-        sends: list[Any] = []
+        sends = Sends(app.producer)  # one produce batch per partition, flushed before the batch is acked
         now_ms = int(time.time() * 1000)
         # Counted once per topic per batch: a labelled counter's lookup per record was ~5 % of the
         # worker's main thread at a steady rate (py-spy).
@@ -366,9 +360,8 @@ def create_app(settings: Settings, segments: Sequence[Segment], *, live_definiti
             metrics.event_in(topic, count)
         for record in batch:
             if control_kind(record.headers) == MARKER:
-                # Everything before the marker must be on its way before the marker is.
-                await asyncio.gather(*sends)
-                sends = []
+                # Everything before the marker must be acknowledged before the marker is sent.
+                await sends.flush()
                 marker = Marker.decode(record.value).via(f"{record.topic}:{record.partition}")
                 await forward_marker(marker, customer_events, dead_topic)
                 continue
@@ -379,27 +372,27 @@ def create_app(settings: Settings, segments: Sequence[Segment], *, live_definiti
                                   record.topic, record.partition, record.offset)
                 log.warning("dead letter %s[%s]@%s: %s", record.topic, record.partition, record.offset,
                             result.error_message)
-                sends.append(await produce(dead_name, record.key, value=dead.payload, headers=dead.headers()))
+                sends.add(dead_name, record.key, value=dead.payload, headers=dead.headers())
                 continue
             key = routing_key(customer_id=result.customer_id, loyalty_id=result.loyalty_id,
                               email_hash=result.email_hash, anonymous_id=result.anonymous_id)
             assert key is not None  # decode refuses events without an identifier
-            sends.append(await produce(events_name, key.encode(), value=codecs.encode_event(result)))
-        await asyncio.gather(*sends)
+            sends.add(events_name, key.encode(), value=codecs.encode_event(result))
+        await sends.flush()
 
     markers_in = Completion()
     busy_since_marker: set[int] = set()  # partitions that sent commands since their last round marker
 
     Write = tuple[PartitionedStore, bytes, int, bytes | None]
 
-    async def deliver(sends: list[Any], writes: list[Write]) -> None:
+    async def deliver(sends: Sends, writes: list[Write]) -> None:
         """Outputs first, state second: the store (and its changelog) never gets ahead of the
         changes it caused, so a crash in between redelivers the input and the changes are sent
         again with the same versions, instead of being lost (tests/integration/test_crash.py)."""
-        await asyncio.gather(*sends)
+        await sends.flush()
         await asyncio.gather(*[target.put(key, partition, value) for target, key, partition, value in writes])
 
-    async def fire_timers(partition: int, now_ms: int, sends: list[Any], writes: list[Write]) -> None:
+    async def fire_timers(partition: int, now_ms: int, sends: Sends, writes: list[Write]) -> None:
         """Apply the time-driven transitions of one partition due up to ``now_ms`` (lock held)."""
         for key, due in timers.pop_due(partition, now_ms):
             state = _decode_state(store.get(key, partition))
@@ -446,7 +439,8 @@ def create_app(settings: Settings, segments: Sequence[Segment], *, live_definiti
             # (partition, state, at, op, columns evaluated at ``at`` or None)
             self.profiles: dict[bytes, tuple[int, ProfileState | None, int, str, dict[str, Any] | None]] = {}
             self.aliases: dict[bytes, tuple[int, Alias | None]] = {}
-            self.sends: list[Any] = []
+            # Everything the batch sends, flushed by deliver() before its state is written.
+            self.sends = Sends(app.producer)
             self.events: dict[bytes, list[dict[str, Any]]] = {}  # folded in this batch, per profile key
             self.rows: dict[bytes, dict[str, Any]] = {}  # the latest profile row per key, sent once
             self.partition = -1  # of the message being handled
@@ -484,19 +478,19 @@ def create_app(settings: Settings, segments: Sequence[Segment], *, live_definiti
             self.set_profile(key, partition, None, at, op)
             self.rows.pop(key, None)  # superseded by the tombstone
             tombstone = [(OP_HEADER, op.encode()), (AT_HEADER, str(at).encode())]
-            self.sends.append(await produce(profiles_name, key, value=None, headers=tombstone))
+            self.sends.add(profiles_name, key, value=None, headers=tombstone)
             if op == "erase":  # subscribers and ClickHouse forget its changes (after its exits) and events
                 folded = self.events.pop(key, None)
                 if folded:
-                    self.sends.append(await produce(folded_name, key, value=codecs.encode_folded(folded)))
-                self.sends.append(await produce(changes_name, key, value=None, headers=tombstone))
-                self.sends.append(await produce(folded_name, key, value=None, headers=tombstone))
+                    self.sends.add(folded_name, key, value=codecs.encode_folded(folded))
+                self.sends.add(changes_name, key, value=None, headers=tombstone)
+                self.sends.add(folded_name, key, value=None, headers=tombstone)
 
         async def command(self, command: Command, hops: int = 0) -> None:
             self.sent_from.add(self.partition)
             headers = command.headers() + ([(HOPS_HEADER, str(hops).encode())] if hops else [])
-            self.sends.append(await produce(events_name, command.key.encode(), value=command.encode(),
-                                                         headers=headers))
+            self.sends.add(events_name, command.key.encode(), value=command.encode(),
+                           headers=headers)
 
     async def _fold_batch(batch: Sequence[Any]) -> None:
         b = Batch()
@@ -531,7 +525,7 @@ def create_app(settings: Settings, segments: Sequence[Segment], *, live_definiti
         writes: list[Write] = [(aliases, key, partition, alias.encode() if alias is not None else None)
                                for key, (partition, alias) in b.aliases.items()]
         for key, folded in b.events.items():
-            sends.append(await produce(folded_name, key, value=codecs.encode_folded(folded)))
+            sends.add(folded_name, key, value=codecs.encode_folded(folded))
         for key, (partition, state, _, _, _) in b.profiles.items():
             if state is None:  # absorbed or erased (its tombstones went out when it happened)
                 timers.put(partition, key, None)
@@ -546,7 +540,7 @@ def create_app(settings: Settings, segments: Sequence[Segment], *, live_definiti
             timers.put(partition, key, state.next_check_at)
             writes.append((store, key, partition, _encode_state(state)))
         for key, row in b.rows.items():
-            sends.append(await produce(profiles_name, key, value=codecs.encode_profile(row)))
+            sends.add(profiles_name, key, value=codecs.encode_profile(row))
         for partition in b.sent_from:
             busy_since_marker.add(partition)
         final = [(p, m) for p, m in completed if m.round > 0 and not markers_in.busy(m.run_id, (m.round, p))]
@@ -611,10 +605,10 @@ def create_app(settings: Settings, segments: Sequence[Segment], *, live_definiti
         if hops >= MAX_HOPS:
             log.error("identity chain longer than %s hops at %s: dropped to dead letters", MAX_HOPS, to)
             dead = DeadLetter(value, "identity_chain", f"more than {MAX_HOPS} alias hops; last key {to}")
-            b.sends.append(await produce(dead_name, to.encode(), value=value, headers=dead.headers()))
+            b.sends.add(dead_name, to.encode(), value=value, headers=dead.headers())
             return
-        b.sends.append(await produce(events_name, to.encode(), value=value,
-                                                  headers=[*headers, (HOPS_HEADER, str(hops + 1).encode())]))
+        b.sends.add(events_name, to.encode(), value=value,
+                    headers=[*headers, (HOPS_HEADER, str(hops + 1).encode())])
 
     async def _on_event(b: Batch, key: bytes, partition: int, value: bytes, hops: int) -> None:
         customer_event = codecs.decode_event(value)
@@ -843,7 +837,7 @@ def create_app(settings: Settings, segments: Sequence[Segment], *, live_definiti
             scan_stats.clear()
 
     async def _fire_all(assigned: set[int]) -> None:
-        sends: list[Any] = []
+        sends = Sends(app.producer)
         writes: list[Write] = []
         for partition in sorted(assigned):
             if caught_up(partition):
@@ -855,7 +849,7 @@ def create_app(settings: Settings, segments: Sequence[Segment], *, live_definiti
         index, and bring those evaluated under another definition set up to this one (cause
         ``definition_changed``: a new segment covers every existing profile, a removed one exits its
         members). Only what changed for a profile is sent and written (``backfill``)."""
-        sends: list[Any] = []
+        sends = Sends(app.producer)
         writes: list[Write] = []
         scan = history.scan(definitions.current, definitions.fingerprint, config)
         event_clock = clock.mode == "event"
