@@ -3,21 +3,40 @@ defined, evaluating every segment against only those the event can affect (incre
 run, on the same events. Prints a table and writes JSON.
 
     .venv/bin/python benchmarks/bench_evaluation.py [--events 3000]
+
+``--baseline REV``: instead, the profile stage's per-event work as the worker does it (``step``, then
+``schedule`` with the evaluated row) on the same decoded events, this tree against the ``pipeline`` package
+of git revision REV (bench_deadlines.load_package), the two taking turns every 500 events; CPU time
+(``process_time``) with the garbage collector off while timing; ``--clock event`` (now = each event's time)
+or ``wall`` (now 1 ms apart, as a live worker); the changes and next check of every event compared.
+
+    .venv/bin/python benchmarks/bench_evaluation.py --baseline 451f3a5 [--clock wall] [--events 20000]
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
+import os
 import random
+import sys
 import time
 from pathlib import Path
+from types import ModuleType
+from typing import Any
 
 from pipeline.decode import decode
 from pipeline.events import DeadLetter
 from pipeline.generate import CATEGORIES, INTERESTS, traffic
+from pipeline.identity import routing_key
 from pipeline.processor import step
-from pipeline.segments.definitions import parse_segments
+from pipeline.segments.definitions import load_segments, parse_segments
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_deadlines import baseline_module  # noqa: E402  (a sibling script, not a package)
+
+DAY_MS = 86_400_000
 
 TEMPLATES = [
     "orders_count >= {n}", "lifetime_value > {v}", "spend_30d > {v}", "orders_90d = 0 AND orders_count >= {n}",
@@ -39,11 +58,93 @@ def segments_yaml(count: int, seed: int = 1) -> str:
     return "\n".join(lines) + "\n"
 
 
+def stage_events(count: int, now_ms: int, days: int = 180, customers: int = 2000) -> list[tuple[str, Any]]:
+    """(key, event) pairs decoded from generated traffic spanning ``days`` up to ``now_ms`` (as bench_profiles)."""
+    out: list[tuple[str, Any]] = []
+    for message in traffic(customers=customers, seed=9, start_ms=now_ms - days * DAY_MS - 60_000,
+                           step_ms=days * DAY_MS // count, extended=True):
+        event = decode(message.topic, message.value, now_ms=now_ms)
+        if isinstance(event, DeadLetter):
+            continue
+        key = routing_key(customer_id=event.customer_id, loyalty_id=event.loyalty_id, email_hash=event.email_hash,
+                          anonymous_id=event.anonymous_id)
+        if key:
+            out.append((key, event))
+        if len(out) >= count:
+            break
+    return out
+
+
+def compare_stage(rev: str, count: int, clock: str, segments_file: Path | None, chunk: int = 500) -> dict[str, Any]:
+    """step + schedule per event, this tree against ``rev``, in turns; µs per event and answers that differ."""
+    import pipeline.processor as current
+
+    baseline = baseline_module(rev, "processor")
+    trees: dict[str, tuple[ModuleType, Any]] = {
+        f"baseline {rev}": (baseline, baseline_module(rev, "segments.definitions").load_segments(segments_file)),
+        "current": (current, load_segments(segments_file)),
+    }
+    now0 = 1_790_000_000_000
+    events = stage_events(count, now0)
+    cpu = {name: {"step": 0.0, "schedule": 0.0} for name in trees}
+    states: dict[str, dict[str, Any]] = {name: {} for name in trees}
+    answers: dict[str, list[Any]] = {name: [] for name in trees}
+    load_before = os.getloadavg()
+    gc.disable()
+    try:
+        for turn, lo in enumerate(range(0, len(events), chunk)):
+            order = list(trees.items()) if turn % 2 == 0 else list(trees.items())[::-1]
+            for name, (processor, segments) in order:
+                gc.collect()
+                config, held, log, spent = processor.Config(), states[name], answers[name], cpu[name]
+                for i in range(lo, min(lo + chunk, len(events))):
+                    key, event = events[i]
+                    now = event.occurred_at if clock == "event" else now0 + i
+                    started = time.process_time()
+                    result = processor.step(held.get(key), key, event, now, segments, config)
+                    middle = time.process_time()
+                    held[key] = result.state
+                    due = None
+                    if not result.duplicate:
+                        due = processor.schedule(result.state, now, segments, config, row=result.evaluated)
+                    spent["schedule"] += time.process_time() - middle
+                    spent["step"] += middle - started
+                    log.append((tuple((c.segment_id, c.change) for c in result.changes), due))
+    finally:
+        gc.enable()
+    first, second = answers.values()
+    rows = {name: {part: round(value / len(events) * 1e6, 1) for part, value in spent.items()}
+            for name, spent in cpu.items()}
+    for row in rows.values():
+        row["both"] = round(row["step"] + row["schedule"], 1)
+    return {"events": len(events), "clock": clock, "segments": str(segments_file or "default"), "us_per_event": rows,
+            "differ": sum(a != b for a, b in zip(first, second, strict=True)),
+            "load_before": load_before, "load_after": os.getloadavg()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--events", type=int, default=3000)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "evaluation.json")
+    parser.add_argument("--baseline", metavar="REV", help="compare the profile stage's loop with this git revision")
+    parser.add_argument("--clock", choices=("event", "wall"), default="event")
+    parser.add_argument("--segments-file", type=Path, default=Path(__file__).parent / "segments_50.yaml",
+                        help="with --baseline: the segment set (default benchmarks/segments_50.yaml)")
     args = parser.parse_args()
+    if args.baseline:
+        found = compare_stage(args.baseline, args.events, args.clock, args.segments_file)
+        print(f"{found['events']:,} events, {found['clock']} clock, {found['segments']}; CPU µs per event "
+              f"(load average {found['load_before'][0]:.1f} -> {found['load_after'][0]:.1f})")
+        print(f"{'variant':<22}{'step':>9}{'schedule':>10}{'both':>9}")
+        for name, row in found["us_per_event"].items():
+            print(f"{name:<22}{row['step']:>9}{row['schedule']:>10}{row['both']:>9}")
+        base, current = found["us_per_event"].values()
+        print(f"{'current / baseline':<22}{current['step'] / base['step']:>9.3f}"
+              f"{current['schedule'] / base['schedule']:>10.3f}{current['both'] / base['both']:>9.3f}")
+        print(f"events whose changes or next check differ: {found['differ']} of {found['events']:,}")
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.with_name(f"evaluation-vs-{args.baseline}-{args.clock}.json").write_text(json.dumps(found, indent=2))
+        return
     now_ms = int(time.time() * 1000)
     events = []
     for message in traffic(customers=200, seed=5, start_ms=now_ms - 86_400_000 * 60, step_ms=1000):
