@@ -68,6 +68,7 @@ from pipeline.profile import ProfileState
 from pipeline.segments.definitions import Segment, load_segments, parse_segments
 from pipeline.segments.live import (
     MANIFEST_KEY,
+    Scan,
     SetHistory,
     backfill,
     definition_record,
@@ -119,8 +120,10 @@ def core_rates(templates: list[ProfileState], base: list[Segment], new_set: list
                now_ms: int) -> dict[str, float]:
     """CPU per profile of the pure work the scan does under a new set, in this process (no broker,
     no store): the old path (decode, advance + reevaluate + schedule over every segment, encode)
-    against ``live.backfill`` (decode, the changed segments only, encode only when written), on the
-    same ``count`` encoded clones. A ratio taken in one run, so less sensitive to the machine's load."""
+    against ``live.backfill`` (decode, the changed segments only, encode only when written) and
+    ``live.Scan`` (what the worker's scan runs: only the fields needed read from the stored value,
+    the whole profile when written), on the same ``count`` encoded clones. Ratios taken in one run,
+    so less sensitive to the machine's load."""
     from pipeline import profile_encoding
 
     config = Config()
@@ -152,14 +155,25 @@ def core_rates(templates: list[ProfileState], base: list[Segment], new_set: list
                 written += 1
         return written
 
+    def scan_path() -> int:
+        written = 0
+        scan = Scan(new_set, new_fp, history, config)  # a fresh one: it learns the fields as the worker's does
+        for value in values:
+            found = scan.check(value, now_ms)
+            if found.done is not None and found.done.write:
+                profile_encoding.encode(found.state)
+                written += 1
+        return written
+
     assert all(t.definitions == old_fp for t in templates)
     out: dict[str, float] = {}
-    for name, run in (("full", old_path), ("backfill", new_path)):
+    for name, run in (("full", old_path), ("backfill", new_path), ("scan", scan_path)):
         started = time.process_time()
         written = run()
         out[f"{name}_us_per_profile"] = 1e6 * (time.process_time() - started) / count
         out[f"{name}_written"] = written
     out["speedup"] = out["full_us_per_profile"] / out["backfill_us_per_profile"]
+    out["scan_speedup"] = out["full_us_per_profile"] / out["scan_us_per_profile"]
     return out
 
 
@@ -274,7 +288,8 @@ def main() -> None:
     core = core_rates(templates, base, new_set, args.core_profiles, int(time.time() * 1000))
     print(f"  in-process, per profile: full path {core['full_us_per_profile']:.0f} us ({core['full_written']:,} "
           f"written), backfill {core['backfill_us_per_profile']:.0f} us ({core['backfill_written']:,} written): "
-          f"x{core['speedup']:.1f}; load {os.getloadavg()[0]:.1f}", flush=True)
+          f"x{core['speedup']:.1f}, scan {core['scan_us_per_profile']:.1f} us ({core['scan_written']:,} written): "
+          f"x{core['scan_speedup']:.1f}; load {os.getloadavg()[0]:.1f}", flush=True)
     if args.core_only:
         return
 

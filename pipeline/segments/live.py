@@ -191,7 +191,7 @@ class SetChange:
     gates: tuple[tuple[Compiled, ...], ...] = ()
     gate_reads: frozenset[str] = frozenset()  # the columns the gates read (and consent)
     gate_fields: frozenset[str] | None = None  # the fields those columns read (None: all of them)
-    _open: dict[tuple[bool, ...], list[Segment]] = field(default_factory=dict, compare=False, repr=False)
+    _open: dict[int, list[Segment]] = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def additions_only(self) -> bool:
@@ -203,11 +203,18 @@ class SetChange:
         (a constant false AND term; next_check_at has no instant for them either). One list object
         per outcome (next_check_at's planner caches per list)."""
         consent = row.get("consent_marketing") is True
-        outcome = tuple((consent or segment.requires_consent != "marketing") and all(g(row, at) for g in gates)
-                        for segment, gates in zip(self.evaluate, self.gates, strict=True))
+        outcome = 0  # bit i: segment i stays open (a plain loop: this runs for every profile scanned)
+        for i, (segment, gates) in enumerate(zip(self.evaluate, self.gates, strict=True)):
+            if not consent and segment.requires_consent == "marketing":
+                continue
+            for gate in gates:
+                if not gate.fn(row, at):  # the predicate's own truth (NULL, false, an error: not true)
+                    break
+            else:
+                outcome |= 1 << i
         chosen = self._open.get(outcome)
         if chosen is None:
-            chosen = self._open[outcome] = [s for s, keep in zip(self.evaluate, outcome, strict=True) if keep]
+            chosen = self._open[outcome] = [s for i, s in enumerate(self.evaluate) if outcome >> i & 1]
         return chosen
 
 
@@ -480,6 +487,8 @@ class Scan:
         self.fast = 0  # profiles that took backfill's fast path
         self.written = 0  # of which written (read twice when read partly first)
         self.whole_above: float | None = 0.5  # written share above which profiles are read whole at once
+        self.opened = 0  # profiles past the gates (their segments' time-moving columns computed)
+        self.whole_above_gates: float | None = 0.5  # written share of those above which they are read whole
 
     def check(self, value: bytes, now_ms: int, *, event_clock: bool = False) -> Checked:
         """One stored profile (``value``, non-empty) at ``now_ms``; with the event clock a profile is
@@ -501,8 +510,20 @@ class Scan:
             self.fields |= change.gate_fields  # profiles under one older set need the same: read them from now on
             state = decode_fields(value, self.fields)
 
+        whole: list[ProfileState] = []
+
         def load(fields: frozenset[str] | None) -> ProfileState:
-            return decode(value) if fields is None or self.fields is None else decode_fields(value, fields)
+            # Past the gates, a profile read whole at once when most such are written (a selective
+            # segment's gate passes mostly its members): one decode instead of a partial one and then
+            # the whole one. Either gives the same fields.
+            self.opened += fields is not None
+            if fields is not None and self.fields is not None and not (
+                    self.whole_above_gates is not None and self.opened > 64
+                    and self.written > self.whole_above_gates * self.opened):
+                return decode_fields(value, fields)
+            if not whole:
+                whole.append(decode(value))
+            return whole[0]
 
         try:
             done = backfill(state, at, self.segments, self.fingerprint, change, self.config, load=load)

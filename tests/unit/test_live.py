@@ -151,7 +151,8 @@ def test_a_backfill_gives_the_memberships_of_a_full_evaluation(kind):
     fast_path = written = checks = partial = 0
     scan = Scan(new, new_fp, history, config)  # the worker's path: from the stored bytes, read partly
     partly = Scan(new, new_fp, history, config)
-    partly.whole_above = None  # never read whole first (these profiles are mostly written: scan reads them whole)
+    partly.whole_above = partly.whole_above_gates = None  # never read whole first (these profiles are mostly
+    # written: scan reads them whole)
     for template in profiles:
         template = ProfileState.from_dict({**template.to_dict(), "definitions": old_fp})
         value = encode(template)
