@@ -17,12 +17,13 @@ segments plus one (``--segment-id``, ``--where``) — on the definitions topic
 adopts it (``follow_definitions`` → ``adopt``) and its timer re-evaluates every profile
 (``tick`` → ``_scan_some``, cause ``definition_changed``).
 
-Completion: the worker's ``pipeline_segment_changes_total{segment=<new>, change="entered"}`` (GET
-/metrics, polled every 0.25 s) reaches the number of members the pure core gives on the same profiles
-(``processor.advance`` then ``processor.reevaluate`` under the new set, per template, times its
-clones), and the worker has logged the end of its scan under the new set (``tick``: "profiles checked
+Completion: the worker has logged the end of its scan under the new set (``tick``: "profiles checked
 against definition set ...; finished at <epoch>", with how many profiles took the fast path or the
-full one, were written, and the changes). The window runs from the timestamp of the new set's
+full one, were written, and the changes; the log is polled every 0.25 s), and then its
+``pipeline_segment_changes_total{segment=<new>, change="entered"}`` (GET /metrics, read only once the
+scan is over, so the window has no scrapes) reaches the number of members the pure core gives on the
+same profiles (``processor.advance`` then ``processor.reevaluate`` under the new set, per template,
+times its clones). The window runs from the timestamp of the new set's
 manifest record on the definitions topic to the later of the scan's end and the timestamp of the last
 such ``entered`` record on ``segment-changes`` (read afterwards; counted and checked against the
 expectation, with its causes). The default segment (``orders_count >= 0``) takes every profile (the
@@ -68,13 +69,17 @@ from pipeline.profile import ProfileState
 from pipeline.segments.definitions import Segment, load_segments, parse_segments
 from pipeline.segments.live import (
     MANIFEST_KEY,
-    Scan,
     SetHistory,
     backfill,
     definition_record,
     publish_definitions,
     set_fingerprint,
 )
+
+try:
+    from pipeline.segments.live import Scan
+except ImportError:  # an older commit's tree on PYTHONPATH (A/B runs): its scan was decode + backfill
+    Scan = None  # type: ignore[assignment,misc]
 from pipeline.settings import load_settings
 
 HERE = Path(__file__).resolve().parent
@@ -167,7 +172,7 @@ def core_rates(templates: list[ProfileState], base: list[Segment], new_set: list
 
     assert all(t.definitions == old_fp for t in templates)
     out: dict[str, float] = {}
-    for name, run in (("full", old_path), ("backfill", new_path), ("scan", scan_path)):
+    for name, run in (("full", old_path), ("backfill", new_path), ("scan", scan_path if Scan else new_path)):
         started = time.process_time()
         written = run()
         out[f"{name}_us_per_profile"] = 1e6 * (time.process_time() - started) / count
@@ -374,13 +379,17 @@ def main() -> None:
         seen_at = None
         scan: dict[str, float] | None = None
         new_fingerprint = set_fingerprint(new_set)
+        entered = 0.0
         while True:
             alive()
-            entered = metric(port, "pipeline_segment_changes_total", labels) or 0.0
+            # The worker's log says when its scan is over (every change sent and acknowledged by then);
+            # /metrics is read only after that: scraping it 4 times a second cost the worker CPU in the window.
             scan = scan or scan_finished(tmp / "worker.log", new_fingerprint)
-            if entered >= expected and scan is not None:
-                seen_at = time.time()
-                break
+            if scan is not None:
+                entered = metric(port, "pipeline_segment_changes_total", labels) or 0.0
+                if entered >= expected:
+                    seen_at = time.time()
+                    break
             if time.monotonic() > deadline + args.timeout:
                 raise RuntimeError(f"{entered:,.0f} of {expected:,} entries after {args.timeout} s "
                                    f"(scan {'over' if scan else 'not over'})")
