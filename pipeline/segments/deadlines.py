@@ -873,7 +873,19 @@ def _first_true_aligned(pred: Callable[[int], bool], lo: int, hi: int) -> int:
 
 
 def _changed(probe: _Probe, row: dict[str, Any], ctx: _Context, first: bool) -> Callable[[int], bool]:
-    return lambda t: probe.holds(row, ctx, t) != first
+    if probe.reads_aff:
+        return lambda t: probe.holds(row, ctx, t) != first
+    fn = probe.fn
+
+    def changed(t: int) -> bool:  # probe.holds(row, ctx, t) != first, without its two calls (a search's inner loop)
+        try:
+            value = fn(row, t)
+        except (ZeroDivisionError, OverflowError, ValueError):
+            return first  # holds() is False
+        if value is True or value is False:
+            return value is not first
+        return _truth(value) is not first  # _truth(None) is False, as holds()
+    return changed
 
 
 # --- the walk --------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from pipeline.segments.compiler import Fn
 from pipeline.segments.definitions import Segment
 
 ENTERED = "entered"
@@ -37,15 +38,27 @@ class SegmentChange:
 
 def evaluate(row: dict[str, Any], segments: Iterable[Segment], now: datetime) -> set[str]:
     """The ids of the segments the profile (as columns at ``now``) belongs to."""
-    members = set()
     consented = row.get("consent_marketing") is True
-    for segment in segments:
-        if segment.requires_consent == "marketing" and not consented:
-            continue
-        # the compiled closure itself (a bool already): one call less than Compiled.__call__
-        if (segment.compiled or segment.predicate).fn(row, now):
-            members.add(segment.id)
-    return members
+    # the compiled closures themselves (a bool already): one call less than Compiled.__call__
+    return {sid for sid, needs_consent, fn in _compiled(segments)
+            if (consented or not needs_consent) and fn(row, now)}
+
+
+_COMPILED: dict[int, tuple[Iterable[Segment], tuple[Segment, ...], list[tuple[str, bool, Fn]]]] = {}
+
+
+def _compiled(segments: Iterable[Segment]) -> list[tuple[str, bool, Fn]]:
+    """(id, requires marketing consent, compiled closure) per segment, kept per list (the worker passes the same
+    lists again and again; checked against their current items, so a list changed in place is read again)."""
+    items = tuple(segments)
+    cached = _COMPILED.get(id(segments))
+    if cached is not None and cached[0] is segments and cached[1] == items:
+        return cached[2]
+    found = [(s.id, s.requires_consent == "marketing", s.predicate.fn) for s in items]
+    if len(_COMPILED) > 256:
+        _COMPILED.clear()
+    _COMPILED[id(segments)] = (segments, items, found)  # holding the list keeps its id from being reused
+    return found
 
 
 def diff(old: Iterable[str], new: Iterable[str], *, customer_id: str, at: int, version: int,
