@@ -1,8 +1,9 @@
 """The composition root: the one place that creates the faust.App, its topics, table, agents and timer.
 
-Agents only move records: read a batch (``take_events``), call the pure core, write the
-store once per changed customer per batch (plus one changelog message), send, and let faust
-ack the batch after the body ran — offsets are committed only after the sends completed.
+Agents only move records: read a batch (``pipeline.broker.stream.BatchedTopic``: records taken
+off faust's consumer in batches), call the pure core, write the store once per changed customer
+per batch (plus one changelog message), send, and ack the batch through faust's consumer after
+the body ran — offsets are committed only after the sends completed.
 Time-driven transitions come from a timer index (``pipeline.timers``) ticked by a faust
 timer; the profile agent and the tick share one lock, so a customer's state is never
 written by both at once. Control markers (``pipeline.control``) tell a replay when
