@@ -210,7 +210,10 @@ async def take_events(stream: Any, max_: int, within: float, linger: float) -> A
     raised or was cancelled (they are consumed again after a rebalance or restart).
 
     Uses the same stream hooks as faust's own implementation (a processor fills the buffer from
-    the stream's passive drainer; it waits while a batch is being handled)."""
+    the stream's passive drainer; it waits while a batch is being handled). The worker's profile
+    stage now reads through ``pipeline.broker.stream.BatchedTopic`` instead (the same windows and
+    acks without faust's per-message dispatch); this stays as faust's path for comparison
+    (benchmarks/faust_floor.py ``take_events_direct``)."""
     loop = asyncio.get_running_loop()
     events: list[Any] = []
     arrived = asyncio.Event()  # the buffer holds at least one event
