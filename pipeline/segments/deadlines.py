@@ -946,6 +946,13 @@ def _segment_walk(segment: Segment, plan: _Plan, ctx: _Context, sweep_ms: int,
             return None, True
     if plan.sweep is not None:
         return now_ms + sweep_ms, False  # swept: a re-check, not a known change
+    return _search(plan, ctx, limit)
+
+
+def _search(plan: _Plan, ctx: _Context, limit: int | None) -> tuple[int | None, bool]:
+    """_segment_walk past its checks that need no search (a separate function: entering this one, with its
+    closures' cells, costs more, and most calls stop before it)."""
+    now_ms = ctx.now_ms
     predicate = plan.member
     assert predicate is not None  # every non-static plan has one
 
