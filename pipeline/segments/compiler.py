@@ -591,8 +591,11 @@ def _date_diff_fn(unit: str, ms: bool, start: Typed, end: Typed) -> Fn:
             return b // size_ms - a // size_ms  # type: ignore[operator]
     else:
         size, floor = size_ms / 1000, math.floor
+        day = unit == "day"
 
         def between(a: datetime, b: datetime) -> int:  # type: ignore[misc]
+            if day and a.tzinfo is UTC and b.tzinfo is UTC:
+                return b.toordinal() - a.toordinal()  # UTC dates: the days since 1970 differ by as much
             return floor(b.timestamp() / size) - floor(a.timestamp() / size)
     name = start.column
     if name is not None:
