@@ -74,12 +74,18 @@ class Sends:
         builders = await _build(producer, partitioner, records)
         futures: list[asyncio.Future[Any]] = []
         try:
-            for (topic, partition), chain in builders.items():
-                for builder in chain:
-                    # Closed: the sender takes it at once instead of lingering, and no other
-                    # sender's send() adds to it.
-                    builder.close()
-                    futures.append(await producer.send_batch(builder, topic, partition=partition))
+            # In rounds: every partition's first builder, then every second one, ...: aiokafka queues a
+            # partition's next batch only once its previous one was drained (one request in flight per
+            # broker), so a chain submitted whole would cost a round trip per builder, each request
+            # carrying one partition's batch instead of one batch of every partition.
+            for depth in range(max(len(chain) for chain in builders.values())):
+                for (topic, partition), chain in builders.items():
+                    if depth < len(chain):
+                        builder = chain[depth]
+                        # Closed: the sender takes it at once instead of lingering, and no other
+                        # sender's send() adds to it.
+                        builder.close()
+                        futures.append(await producer.send_batch(builder, topic, partition=partition))
         except BaseException:
             for future in futures:  # shields: cancelling them marks the batches' outcome as seen
                 future.cancel()
