@@ -31,7 +31,10 @@ comparisons per bound. A monotone comparison flips at most once per piece, and a
 on integer milliseconds finds the flip exactly (the very functions the compiler evaluates, on
 the profile's columns at that instant: rounding included). The predicate itself (with its
 three-valued NULL logic) is then evaluated at every flip and breakpoint in time order; the first
-instant where membership differs is the answer.
+instant where membership differs is the answer. Both are the compiler's epoch-ms form
+(``_Compiler(ms=True)``: date-time columns, literals and ``now()`` as int ms, so an instant costs no
+datetime; the same answers as the datetime form on millisecond date-times, property-tested in
+tests/unit/test_compiler_fast.py).
 
 ``top_category`` is not walked change by change: two nearly tied categories (weights 3.0 and
 2.99999999973, from views 1 ms apart) swap places whenever a rounding boundary falls between them,
