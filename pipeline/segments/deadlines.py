@@ -1293,7 +1293,7 @@ class DeadlineCache:
         if row is None:
             row = columns(state, now_ms, half_life_days=half_life_days)
         values = info.values_of(row)
-        orders = tuple(tuple(o) for o in state.orders) if info.orders else None
+        orders = tuple(map(tuple, state.orders)) if info.orders else None  # a snapshot: they change in place
         affinity = {k: (v[0], v[1]) for k, v in state.affinity.items()} if info.affinity else None
         entries: list[_Entry | None] = [None] * len(plans)
         best: int | None = None
