@@ -493,24 +493,27 @@ class Scan:
     def check(self, value: bytes, now_ms: int, *, event_clock: bool = False) -> Checked:
         """One stored profile (``value``, non-empty) at ``now_ms``; with the event clock a profile is
         not evaluated before its own last update (as the worker's other paths)."""
-        state = decode(value) if self.fields is None else decode_fields(value, self.fields)
+        # Most profiles written (a segment most enter): reading them partly first costs more.
+        whole = self.fields is None or (self.whole_above is not None and self.fast > 64
+                                        and self.written > self.whole_above * self.fast)
+        state = decode(value) if whole or self.fields is None else decode_fields(value, self.fields)
         if state.definitions == self.fingerprint:
             return Checked(state, state.next_check_at, None)
         at = max(now_ms, state.updated_at) if event_clock else now_ms
         change = self.history.change(state.definitions, self.fingerprint)
         due = state.next_check_at
-        if (change is None or change.fields is None or change.gate_fields is None or self.fields is None
+        if not (change is None or (due is not None and due <= at)):
+            self.fast += 1
+        if (whole or change is None or change.fields is None or change.gate_fields is None or self.fields is None
                 or (due is not None and due <= at)):  # every field read (or written): the whole profile
-            return self._done(backfill(decode(value), at, self.segments, self.fingerprint, change, self.config))
-        self.fast += 1
-        if self.whole_above is not None and self.fast > 64 and self.written > self.whole_above * self.fast:
-            # Most profiles are written (a segment most enter): reading them partly first costs more.
-            return self._done(backfill(decode(value), at, self.segments, self.fingerprint, change, self.config))
+            if not whole:
+                state = decode(value)
+            return self._done(backfill(state, at, self.segments, self.fingerprint, change, self.config))
         if not change.gate_fields <= self.fields:
             self.fields |= change.gate_fields  # profiles under one older set need the same: read them from now on
             state = decode_fields(value, self.fields)
 
-        whole: list[ProfileState] = []
+        loaded: list[ProfileState] = []
 
         def load(fields: frozenset[str] | None) -> ProfileState:
             # Past the gates, a profile read whole at once when most such are written (a selective
@@ -521,9 +524,9 @@ class Scan:
                     self.whole_above_gates is not None and self.opened > 64
                     and self.written > self.whole_above_gates * self.opened):
                 return decode_fields(value, fields)
-            if not whole:
-                whole.append(decode(value))
-            return whole[0]
+            if not loaded:
+                loaded.append(decode(value))
+            return loaded[0]
 
         try:
             done = backfill(state, at, self.segments, self.fingerprint, change, self.config, load=load)
