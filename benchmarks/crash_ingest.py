@@ -18,9 +18,12 @@ then lets a consumer at the end of a partition skip records: a batch stored by o
 served before an earlier batch of another connection (its offsets already counted in the high
 watermark) is stored, and the consumer's position moves past the latter (docs/reliability.md,
 defect 5). One writer per partition (the fault tests, ``pipeline replay``) never showed it.
+``--tail`` replaces the child by a bare consumer following the input topics (no group, no
+handler), which shows the broker's skips more often than the ingest stage (always at the end).
 
     .venv/bin/python benchmarks/crash_ingest.py --kills 25 --stalls
     .venv/bin/python benchmarks/crash_ingest.py --kills 0 --writers 4 --interval 0.05 --batch 100 --seconds 120
+    .venv/bin/python benchmarks/crash_ingest.py --tail --writers 4 --interval 0 --topics 1 --seconds 90
 """
 
 from __future__ import annotations
@@ -87,7 +90,8 @@ async def child(bootstrap: str, log_path: str, batch: int, stalls: bool) -> None
             staller.cancel()
 
 
-def produce(bootstrap: str, stop: threading.Event, sent: list[Any], writer: int = 0, interval: float = 0.2) -> None:
+def produce(bootstrap: str, stop: threading.Event, sent: list[Any], writer: int = 0, interval: float = 0.2,
+            topics: int = len(TOPICS)) -> None:
     from kafka import KafkaProducer
 
     producer = KafkaProducer(bootstrap_servers=bootstrap, linger_ms=5, acks="all")
@@ -96,13 +100,40 @@ def produce(bootstrap: str, stop: threading.Event, sent: list[Any], writer: int 
     while not stop.is_set():
         futures = []
         for _ in range(25):
-            futures.append(producer.send(rng.choice(TOPICS), key=f"c{rng.randrange(300)}".encode(),
+            futures.append(producer.send(rng.choice(TOPICS[:topics]), key=f"c{rng.randrange(300)}".encode(),
                                          value=f"{writer}-{i}".encode()))
             i += 1
         producer.flush()
         sent.extend(f.get(timeout=60) for f in futures)
         time.sleep(interval)
     producer.close()
+
+
+def tail(bootstrap: str, stop: threading.Event, seen: set[bytes], jumps: list[tuple[str, int, int, int]]) -> None:
+    """``--tail``: a bare aiokafka consumer (no group, no handler) following the input topics at
+    their end, noting each time a partition's next record is not the one after the last."""
+    from aiokafka import AIOKafkaConsumer
+
+    async def run() -> None:
+        consumer = AIOKafkaConsumer(*TOPICS, bootstrap_servers=bootstrap, fetch_max_wait_ms=20,
+                                    auto_offset_reset="earliest")
+        await consumer.start()
+        following: dict[Any, int] = {}
+        quiet = 0
+        try:
+            while quiet < 30:  # 3 s without a record once the writers stopped
+                fetched = await consumer.getmany(timeout_ms=100)
+                quiet = quiet + 1 if stop.is_set() and not fetched else 0
+                for tp, records in fetched.items():
+                    for record in records:
+                        if tp in following and record.offset != following[tp]:
+                            jumps.append((tp.topic, tp.partition, following[tp], record.offset))
+                        following[tp] = record.offset + 1
+                        seen.add(record.value)
+        finally:
+            await consumer.stop()
+
+    asyncio.run(run())
 
 
 def read_all(bootstrap: str, topics: list[str]) -> dict[bytes, tuple[str, int, int]]:
@@ -146,8 +177,13 @@ def main() -> int:
     parser.add_argument("--writers", type=int, default=1,
                         help="producers writing the input topics at once, each with its own connection")
     parser.add_argument("--interval", type=float, default=0.2, help="seconds between a writer's chunks of 25")
+    parser.add_argument("--topics", type=int, default=len(TOPICS), help="how many of the input topics are written")
     parser.add_argument("--seconds", type=float, default=60.0, help="with --kills 0: how long to run")
+    parser.add_argument("--tail", action="store_true",
+                        help="no child: a bare consumer follows the input topics (implies --kills 0)")
     args = parser.parse_args()
+    if args.tail:
+        args.kills = 0
 
     from kafka.admin import KafkaAdminClient, NewTopic
 
@@ -161,18 +197,26 @@ def main() -> int:
         admin.close()
         log_path = Path(tmp) / "batches.log"
         stop, sent = threading.Event(), []  # type: ignore[var-annotated]
-        feeders = [threading.Thread(target=produce, args=(bootstrap, stop, sent, w, args.interval),
+        feeders = [threading.Thread(target=produce, args=(bootstrap, stop, sent, w, args.interval, args.topics),
                                     daemon=True)
                    for w in range(args.writers)]
         command = [sys.executable, __file__, "--child", bootstrap, str(log_path), str(args.batch),
                    "1" if args.stalls else "0"]
-        process = subprocess.Popen(command)
+        seen: set[bytes] = set()
+        jumps: list[tuple[str, int, int, int]] = []
+        tailer = threading.Thread(target=tail, args=(bootstrap, stop, seen, jumps), daemon=True)
+        process: subprocess.Popen[bytes] | None = None
+        if args.tail:
+            tailer.start()
+        else:
+            process = subprocess.Popen(command)
         for feeder in feeders:
             feeder.start()
         try:
             if not args.kills:
                 time.sleep(args.seconds)
             for kill in range(args.kills):
+                assert process is not None
                 time.sleep(rng.uniform(1.0, 8.0))
                 os.kill(process.pid, signal.SIGKILL)
                 process.wait()
@@ -184,22 +228,28 @@ def main() -> int:
             for feeder in feeders:
                 feeder.join()
             inputs = read_all(bootstrap, TOPICS)
+            if args.tail:
+                tailer.join()
+                out = dict.fromkeys(seen, ("", 0, 0))
             deadline = time.monotonic() + 120
-            while time.monotonic() < deadline:
+            while not args.tail and time.monotonic() < deadline:
                 out = read_all(bootstrap, [OUT])
                 if set(inputs) <= set(out):
                     break
                 time.sleep(2)
         finally:
-            os.kill(process.pid, signal.SIGKILL)
-            process.wait()
+            if process is not None:
+                os.kill(process.pid, signal.SIGKILL)
+                process.wait()
         lost = sorted(inputs[v] for v in set(inputs) - set(out))
         where = [(m.topic, m.partition, m.offset) for m in sent]
         print(f"{args.kills} SIGKILLs, {args.writers} writer(s): {len(sent)} records acknowledged "
               f"({len(where) - len(set(where))} offsets given twice), {len(inputs)} on the input topics, "
               f"{len(set(out) & set(inputs))} of them on the output topic, lost {len(lost)}; "
               f"load average {open('/proc/loadavg').read().split()[:3]}")
-        if lost:
+        if args.tail:
+            print(f"  the tailing consumer jumped {len(jumps)} times: {jumps[:10]}")
+        elif lost:
             report(log_path, lost)
         return 1 if lost or len(inputs) != len(sent) else 0
 
