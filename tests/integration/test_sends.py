@@ -74,8 +74,9 @@ def test_keyed_records_land_where_fausts_producer_sends_them(broker, unique, par
 
 
 def test_order_per_partition_across_full_batches_with_tombstones_and_headers(broker, unique):
-    """More than one builder per partition (16 KiB each) and several topics in one flush: each
-    partition holds its records in ``add`` order; tombstones, headers and explicit partitions kept."""
+    """More than one builder per partition (16 KiB each) and several topics in one flush, records
+    added before and after the topics' metadata is known: each partition holds its records in ``add``
+    order; tombstones, headers and explicit partitions kept."""
     partitions = 4
     first, second = f"sends-a-{unique}", f"sends-b-{unique}"
     ensure_topics([broker.bootstrap], [TopicSpec(first), TopicSpec(second)], partitions=partitions)
@@ -94,10 +95,14 @@ def test_order_per_partition_across_full_batches_with_tombstones_and_headers(bro
         await app.producer.start()
         try:
             sends = Sends(app.producer)
-            for topic, key, value, headers in added:
+            # The first half waits for the topics' metadata until the flush fetches it; the second is
+            # put into builders as it is added.
+            for n, (topic, key, value, headers) in enumerate(added):
+                if n == len(added) // 2:
+                    await sends.flush()
+                    assert len(sends) == 0
                 sends.add(topic, key, value, headers)
             await sends.flush()
-            assert len(sends) == 0
             for topic, p in markers:  # after everything above was acknowledged
                 sends.add(topic, b"", b"marker", [("pipeline-control", b"marker")], partition=p)
             await sends.flush()
