@@ -42,6 +42,16 @@ COMMIT_INTERVAL_S = 0.5
 # polling every 20 ms cost 0.028 CPU-s/s here and the broker 0.055 (on 2 shared cores). 100 ms
 # polls a fifth as often and adds at most 80 ms to a row's way into ClickHouse.
 FILL_FETCH_MAX_WAIT_MS = 100
+# The embedded broker (Tansu, memory storage) can serve a partition's later batch before an earlier
+# one, written by another connection, is stored: a consumer at the partition's end then jumps over
+# offsets that are on the topic (docs/reliability.md defect 5; benchmarks/crash_ingest.py --tail
+# --writers 4). A fetch from Kafka has no gap in a topic that is neither compacted nor transactional,
+# and where one is real (compaction, transaction markers) it is there on every fetch. So a gap within
+# GAP_TAIL offsets of the high watermark is fetched again from its first offset, up to GAP_REFETCHES
+# times, before it is taken as real; one further back is taken at once (the race needs a write in
+# flight, at the end of the partition).
+GAP_REFETCHES = 3
+GAP_TAIL = 10_000
 # How long the profile stage's batch stays open after its first event when nothing more is queued
 # (take_events), as a fraction of its longest window (batch_seconds): at the default 0.05 s, 5 ms
 # gathers what one fetch delivered without making every event wait for the whole window.
@@ -73,6 +83,10 @@ class BatchConsumer:
         self._handled: dict[TopicPartition, int] = {}  # next offset after the batches handled, not yet committed
         self.commit_interval_s = commit_interval_s
         self._last_commit = 0.0  # loop time of the last commit
+        self._next: dict[TopicPartition, int] = {}  # the offset each partition's next fetched record should have
+        self._refetched: dict[TopicPartition, tuple[int, int]] = {}  # (first missing offset, times fetched again)
+        self.gaps_refetched = 0  # fetches repeated over a gap (tests, logs)
+        self.gaps_accepted = 0  # gaps taken as real after GAP_REFETCHES, or far from the end
         self._stopping = asyncio.Event()
         self._done = asyncio.Event()
         self._joined = asyncio.Event()
@@ -111,6 +125,7 @@ class BatchConsumer:
                 for tp, batch in more.items():
                     fetched.setdefault(tp, []).extend(batch)
                     count += len(batch)
+        self._mend_gaps(consumer, fetched)
         # Across partitions in the order the records reached the broker (each partition's own
         # order kept): a replay's files, or a visit then the sign-up it led to, are handled in the
         # order they were published rather than in the order the fetches came back.
@@ -133,11 +148,42 @@ class BatchConsumer:
             for tp, batch in fetched.items():
                 if batch:
                     consumer.seek(tp, batch[0].offset)
+                    self._next[tp] = batch[0].offset
             await asyncio.sleep(1.0)
             return 0 if self._stopping.is_set() else len(records)
         self._handled.update({tp: batch[-1].offset + 1 for tp, batch in fetched.items() if batch})
         await self._commit(consumer, force=False)
         return len(records)
+
+    def _mend_gaps(self, consumer: AIOKafkaConsumer, fetched: dict[TopicPartition, list[Any]]) -> None:
+        """Cut each partition's records at a gap near its end and fetch again from the first missing
+        offset (GAP_REFETCHES): the records after the gap are fetched again with it."""
+        for tp, batch in fetched.items():
+            expected = self._next.get(tp)
+            start = 0
+            while start < len(batch):
+                gap = first_gap([record.offset for record in batch[start:]], expected)
+                if gap is None:
+                    break
+                index, missing = gap[0] + start, gap[1]
+                highwater = consumer.highwater(tp)
+                tried = self._refetched.get(tp)
+                times = tried[1] if tried is not None and tried[0] == missing else 0
+                if times < GAP_REFETCHES and (highwater is None or highwater - missing <= GAP_TAIL):
+                    self._refetched[tp] = (missing, times + 1)
+                    self.gaps_refetched += 1
+                    log.info("%s: %s[%s] skipped offsets %s..%s: fetching again from %s", self.group_id, tp.topic,
+                             tp.partition, missing, batch[index].offset - 1, missing)
+                    del batch[index:]
+                    consumer.seek(tp, missing)
+                    break
+                self._refetched.pop(tp, None)
+                self.gaps_accepted += 1
+                log.warning("%s: %s[%s] has no records at offsets %s..%s (fetched %d times): a real gap",
+                            self.group_id, tp.topic, tp.partition, missing, batch[index].offset - 1, times + 1)
+                expected, start = batch[index].offset, index  # go on checking past it
+            if batch:
+                self._next[tp] = batch[-1].offset + 1
 
     async def _commit(self, consumer: AIOKafkaConsumer, *, force: bool,
                       only: set[TopicPartition] | None = None) -> None:
@@ -168,6 +214,9 @@ class BatchConsumer:
     async def _commit_revoked(self, revoked: set[TopicPartition]) -> None:
         """Partitions are being taken away: commit what was handled of them, so their next owner
         does not consume it again."""
+        for tp in revoked:  # a later assignment starts from the committed offset, wherever that is
+            self._next.pop(tp, None)
+            self._refetched.pop(tp, None)
         consumer = self._consumer
         if consumer is not None:
             await self._commit(consumer, force=True, only=set(revoked))
@@ -198,6 +247,18 @@ class BatchConsumer:
     def joined(self) -> bool:
         """The group gave this consumer its partitions (perhaps none) at least once."""
         return self._joined.is_set()
+
+
+def first_gap(offsets: Sequence[int], expected: int | None) -> tuple[int, int] | None:
+    """Where one partition's fetched offsets skip some: (index of the first record after the gap,
+    the first missing offset), or None. ``expected``: the offset the first record should have
+    (None: not known, e.g. after an assignment). A step back (a seek, a redelivery) is no gap."""
+    previous = None if expected is None else expected - 1
+    for index, offset in enumerate(offsets):
+        if previous is not None and offset > previous + 1:
+            return index, previous + 1
+        previous = offset
+    return None
 
 
 async def take_events(stream: Any, max_: int, within: float, linger: float) -> AsyncIterator[list[Any]]:
