@@ -428,9 +428,21 @@ def create_app(settings: Settings, segments: Sequence[Segment], *, live_definiti
         async for batch in customer_batches.batches(stream, settings.batch_size, settings.batch_seconds,
                                                     settings.batch_seconds * TAKE_LINGER_FRACTION):
             await definitions.ready.wait()  # never evaluate under a set the topic has replaced
-            async with state_lock:
-                with metrics.time_evaluation():
-                    await _fold_batch(batch)
+            for attempt in itertools.count(1):
+                try:
+                    async with state_lock:
+                        with metrics.time_evaluation():
+                            await _fold_batch(batch)
+                    break
+                except Exception as exc:
+                    # Not the input's fault (bad input is a dead letter): a send or store write failed.
+                    # The batch is folded again here, from the stored state (written only after its
+                    # outputs were acknowledged): left to faust, the agent would restart on the next
+                    # batch, and faust 0.15 commits past a failed batch of one record, or past any
+                    # before a partition's first commit (docs/reliability.md defect 5): lost events.
+                    log.error("profile stage: batch %s failed (attempt %d), folding it again: %r",
+                              _where(batch), attempt, exc, exc_info=attempt == 1)
+                    await asyncio.sleep(min(2.0 ** (attempt - 1), 30.0))
 
     class Batch:
         """What one batch read and changed: profiles and aliases are read through to the stores
@@ -1083,6 +1095,15 @@ def create_app(settings: Settings, segments: Sequence[Segment], *, live_definiti
             await group.stop()
 
     return app
+
+
+def _where(batch: Sequence[Any]) -> str:
+    """A batch's records as topic[partition]@first..last per partition, for the logs."""
+    spans: dict[tuple[str, int], list[int]] = {}
+    for message in batch:
+        span = spans.setdefault((message.topic, message.partition), [message.offset, message.offset])
+        span[0], span[1] = min(span[0], message.offset), max(span[1], message.offset)
+    return ", ".join(f"{topic}[{partition}]@{first}..{last}" for (topic, partition), (first, last) in spans.items())
 
 
 def _headers(message: Any) -> dict[str, bytes]:

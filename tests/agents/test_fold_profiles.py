@@ -286,3 +286,34 @@ DAY_MS = 86_400_000
 
 def _iso(epoch_ms: int) -> str:
     return datetime.fromtimestamp(epoch_ms / 1000, UTC).isoformat()
+
+
+def test_a_batch_whose_send_failed_is_folded_again_not_skipped(settings):
+    """A send the broker refused fails the batch before any state is written: the agent folds the
+    same batch again from the stored state (left to faust, it would restart on the next batch and
+    the failed one could be committed unfolded: docs/reliability.md defect 5)."""
+    from aiokafka.errors import KafkaError
+
+    async def scenario() -> None:
+        async with FoldAgent(settings) as fold:
+            send = fold.producer.send
+            failures = [1]
+
+            async def refuse_once(*args, **kwargs):
+                if failures[0]:
+                    failures[0] -= 1
+                    raise KafkaError("the broker refused the produce (injected)")
+                return await send(*args, **kwargs)
+
+            fold.producer.send = refuse_once
+            await fold.event("pos", purchase("tx1", "2026-03-01T10:00:00Z", customer_id="C1"))
+            await fold.event("pos", purchase("tx2", "2026-03-02T10:00:00Z", customer_id="C1"))
+
+            assert failures == [0]  # the fault happened
+            assert moves(fold.changes()) == [("C1", "entered", "buyers", "tx1"),
+                                             ("C1", "entered", "recent_buyers", "tx1")]
+            state = fold.profile("C1")
+            assert state is not None and state.events_count == 2 and state.version == 2
+            assert [u.key for u in fold.sent(t.PROFILE_UPDATES)] == [b"C1", b"C1"]
+
+    run(scenario())
