@@ -162,6 +162,10 @@ class BatchedTopic:
         if len(pending) >= self._max:
             self._event("full").set()
 
+    def pending(self) -> int:
+        """Records taken off the consumer and not yet handed to a batch."""
+        return len(self._pending)
+
     def clear(self) -> None:
         """faust's flow control clears its buffers (partitions are being revoked, or flow resumes
         after a rebalance): what is pending here is of the old assignment. Untracked and unacked,
