@@ -8,9 +8,9 @@ topic, in one of faust's two simple paths:
 
 Two more isolate the cost of faust's per-message consumption path in the profile stage's shape
 (the pipeline's adaptive window: at most 2000 events, 50 ms, 5 ms linger; sends straight to
-faust's producer, as ``pipeline.app.produce``; the batch's sends awaited, then its acks):
+faust's producer; the batch's sends awaited, then its acks):
 
-- ``take_events_direct``: the pipeline's ``pipeline.broker.batches.take_events`` over the stream
+- ``take_events_direct``: ``BatchedTopic(enabled=False)``: the same windows over faust's stream
   (faust's drain loop, conductor, channel, stream iterator and an Event per message);
 - ``batched``: ``pipeline.broker.stream.BatchedTopic``, the records taken off faust's consumer in
   batches, tracked and acked through it (same app, topics, assignment and commits).
@@ -76,7 +76,6 @@ def main() -> None:
                 if seen >= args.expect:
                     finish()
     elif args.mode in ("take_events_direct", "batched"):
-        from pipeline.broker.batches import take_events
         from pipeline.broker.stream import BatchedTopic
 
         batched = BatchedTopic(app, inputs, enabled=args.mode == "batched")
@@ -85,11 +84,7 @@ def main() -> None:
         @app.agent(inputs)
         async def forward(stream: Any) -> None:
             nonlocal seen
-            if args.mode == "batched":
-                source = batched.batches(stream, 2000, 0.05, 0.005)
-            else:
-                source = _messages(take_events(stream, 2000, 0.05, 0.005))
-            async for batch in source:
+            async for batch in batched.batches(stream, 2000, 0.05, 0.005):
                 window.first()
                 send = app.producer.send
                 sends = [await send(out_name, m.key, m.value, partition=None, timestamp=None, headers=None)
@@ -111,11 +106,6 @@ def main() -> None:
                     finish()
 
     Worker(app, loglevel="warning").execute_from_commandline()
-
-
-async def _messages(events: Any) -> Any:
-    async for batch in events:
-        yield [event.message for event in batch]
 
 
 if __name__ == "__main__":

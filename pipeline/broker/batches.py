@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import heapq
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
@@ -53,8 +53,9 @@ FILL_FETCH_MAX_WAIT_MS = 100
 GAP_REFETCHES = 3
 GAP_TAIL = 10_000
 # How long the profile stage's batch stays open after its first event when nothing more is queued
-# (take_events), as a fraction of its longest window (batch_seconds): at the default 0.05 s, 5 ms
-# gathers what one fetch delivered without making every event wait for the whole window.
+# (BatchedTopic.batches, pipeline/broker/stream.py), as a fraction of its longest window
+# (batch_seconds): at the default 0.05 s, 5 ms gathers what one fetch delivered without making
+# every event wait for the whole window.
 TAKE_LINGER_FRACTION = 0.1
 
 
@@ -259,93 +260,6 @@ def first_gap(offsets: Sequence[int], expected: int | None) -> tuple[int, int] |
             return index, previous + 1
         previous = offset
     return None
-
-
-async def take_events(stream: Any, max_: int, within: float, linger: float) -> AsyncIterator[list[Any]]:
-    """faust's ``Stream.take_events(max_, within)`` with a window that adapts to the traffic: it
-    opens at a batch's first event (faust's opens when the previous batch is done, so at a steady
-    trickle every event waited up to ``within``, 50 ms, for the window to end), closes ``linger``
-    later if nothing more is queued, and grows while events are queued — when the stage is behind
-    — up to ``within`` after the first event or ``max_`` events. Events are acked after the batch's
-    body returned (offsets are committed only after the sends completed), and not at all when it
-    raised or was cancelled (they are consumed again after a rebalance or restart).
-
-    Uses the same stream hooks as faust's own implementation (a processor fills the buffer from
-    the stream's passive drainer; it waits while a batch is being handled). The worker's profile
-    stage now reads through ``pipeline.broker.stream.BatchedTopic`` instead (the same windows and
-    acks without faust's per-message dispatch); this stays as faust's path for comparison
-    (benchmarks/faust_floor.py ``take_events_direct``)."""
-    loop = asyncio.get_running_loop()
-    events: list[Any] = []
-    arrived = asyncio.Event()  # the buffer holds at least one event
-    full = asyncio.Event()
-    consumed = asyncio.Event()
-    consuming: asyncio.Future[None] | None = None
-    enable_acks = stream.enable_acks
-    channel = stream.channel
-    channel_it = channel.__aiter__()
-
-    def queued() -> bool:
-        """Events delivered to the stream and not yet taken into the buffer."""
-        empty = getattr(channel, "empty", None)
-        return empty is not None and not empty()
-
-    async def add_to_buffer(value: Any) -> Any:
-        nonlocal consuming
-        if consuming is not None:  # a batch is being handled: the next one waits for it
-            try:
-                await consuming
-            finally:
-                consuming = None
-        event = stream.current_event
-        if event is None:
-            raise RuntimeError("take_events found no current event")
-        events.append(event)
-        arrived.set()
-        if len(events) >= max_:
-            full.set()
-            consumed.clear()
-            await stream.wait(consumed)  # never more than max_ in one batch
-        return value
-
-    stream.enable_acks = False  # acked here, after the batch's body ran
-    stream.add_processor(add_to_buffer)
-    stream._enable_passive(channel_it)
-    try:
-        while not stream.should_stop:
-            await stream.wait_for_stopped(arrived)
-            if not events:
-                arrived.clear()
-                continue
-            opened = loop.time()
-            while not full.is_set() and not stream.should_stop:
-                elapsed = loop.time() - opened
-                if elapsed >= within or (elapsed >= linger and not queued()):
-                    break
-                await stream.wait_for_stopped(full, timeout=max(0.001, min(linger, within - elapsed)))
-            consuming = loop.create_future()
-            handled = False
-            try:
-                yield list(events)
-                handled = True  # resumed: the caller's body for this batch returned
-            finally:
-                taken = list(events)
-                events.clear()
-                # Acked (and so committed) only once the body returned. A body that raised or was
-                # cancelled closes this generator at the yield: acking then would commit events that
-                # were never folded. Unacked, they hold the partition's commit back and are consumed
-                # again after the next rebalance or restart (at-least-once; folding is idempotent).
-                if handled:
-                    for event in taken:
-                        await stream.ack(event)
-                if consuming is not None and not consuming.done():
-                    consuming.set_result(None)  # let the drainer add to the next batch
-                arrived.clear()
-                full.clear()
-                consumed.set()
-    finally:
-        stream.enable_acks = enable_acks
-        stream._processors.remove(add_to_buffer)
 
 
 def _timestamp(record: Any) -> int:

@@ -4,7 +4,7 @@ faust hands every record to a stream through four per-message layers: its consum
 (``Consumer._drain_messages`` awaits ``Service.wait_first`` per record: four tasks created and
 three cancelled each time), the conductor (flow control, decode into an ``Event``, a queue put),
 the stream's iterator (sensors, the current-event context) and an ack per event. The profile
-stage reads whole batches anyway (``take_events``); ``BatchedTopic`` takes that topic's records
+stage reads whole batches anyway; ``BatchedTopic`` takes that topic's records
 off faust's consumer where they are fetched and hands them to the agent in batches, and leaves
 everything else to faust:
 
@@ -24,7 +24,7 @@ buffers on a revocation are dropped the same way (``clear``, registered with flo
 
 Events put into the agent's channel the ordinary way (faust's ``test_context()``, which has no
 consumer loop) go into the same batches through a stream processor, and are acked through the
-stream, as ``take_events`` does.
+stream, after the batch's body returned.
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ class BatchedTopic:
     """``batches(stream, …)`` yields lists of the ``topic``'s records (faust ``Message``) taken
     straight from ``app``'s consumer. Create it before the app's consumer is first used (with the
     agent); ``enabled=False``: records take faust's ordinary path and ``batches`` reads them from
-    the stream (``take_events``' behaviour, for comparison)."""
+    the stream (faust's own dispatch, for comparison)."""
 
     def __init__(self, app: Any, topic: Any, *, enabled: bool = True, max_buffered: int = MAX_BUFFERED) -> None:
         self.app = app
@@ -184,7 +184,7 @@ class BatchedTopic:
         """Batches of at most ``max_`` records (faust ``Message``: key, value, partition, offset,
         headers, timestamp): the window opens at a batch's first record, closes ``linger`` later if
         no more arrived meanwhile, and grows while records keep arriving up to ``within`` after the
-        first or ``max_`` records (as ``take_events``). The records are acked once the caller's
+        first or ``max_`` records. The records are acked once the caller's
         body for the batch returned, never when it raised or was cancelled."""
         app = self.app
         self._max = max_

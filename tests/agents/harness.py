@@ -114,7 +114,7 @@ class MemoryProducer(Producer):
 
 
 class Processed(faust.Sensor):
-    """Counts events the agent's stream acknowledged: ``take_events`` acks a batch's events only
+    """Counts events the agent's stream acknowledged: ``BatchedTopic.batches`` acks a batch's events only
     after the agent's body for that batch returned, so the count says which batches are done."""
 
     def __init__(self) -> None:

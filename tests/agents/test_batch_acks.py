@@ -1,7 +1,8 @@
-"""``pipeline.broker.take_events`` acks (and so lets faust commit) a batch's events only once the
-agent's body for that batch returned: a body that raised must leave them unacked, to be consumed
-again after a rebalance or restart, never committed unprocessed. A bare faust app in
-``test_context()`` (no broker); acks are seen through faust's sensor hook, as in harness.Processed."""
+"""``BatchedTopic.batches`` acks (and so lets faust commit) a batch's events only once the agent's
+body for that batch returned: a body that raised must leave them unacked, to be consumed again after
+a rebalance or restart, never committed unprocessed. A bare faust app in ``test_context()`` (no
+broker, so the events come through faust's stream); acks are seen through faust's sensor hook, as in
+harness.Processed."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from typing import Any
 import faust
 from faust.types import TP
 
-from pipeline.broker.batches import take_events
+from pipeline.broker.stream import BatchedTopic
 from tests.agents.harness import run
 
 
@@ -27,17 +28,19 @@ class Acked(faust.Sensor):
 
 async def _batches(tmp_path: Path, fail_first: bool) -> tuple[list[list[bytes]], list[bytes], BaseException | None]:
     """Three events, taken as one batch of at most three: the bodies run, what was acked, the crash."""
-    app = faust.App(f"take-events-{fail_first}", broker="kafka://127.0.0.1:9", store="memory://",
+    app = faust.App(f"batch-acks-{fail_first}", broker="kafka://127.0.0.1:9", store="memory://",
                     datadir=str(tmp_path), web_enabled=False)
     topic = app.topic("events", key_serializer="raw", value_serializer="raw")
     acked = Acked()
     app.sensors.add(acked)
     bodies: list[list[bytes]] = []
 
+    batched = BatchedTopic(app, topic)
+
     @app.agent(topic)
     async def agent(stream: Any) -> None:
-        async for batch in take_events(stream, 3, 60.0, 60.0):
-            bodies.append([event.value for event in batch])
+        async for batch in batched.batches(stream, 3, 60.0, 60.0):
+            bodies.append([message.value for message in batch])
             if fail_first and len(bodies) == 1:
                 raise RuntimeError("the body failed")
 
