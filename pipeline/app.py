@@ -33,7 +33,7 @@ from faust.types import TP
 from pipeline import codecs, profile_encoding
 from pipeline.api import WorkerBackend, build_api, dashboard_data, start_api, stop_api
 from pipeline.broker import topics as t
-from pipeline.broker.batches import FETCH_MAX_WAIT_MS, TAKE_LINGER_FRACTION, BatchConsumer
+from pipeline.broker.batches import FETCH_MAX_WAIT_MS, TAKE_LINGER_FRACTION, BatchConsumer, where
 from pipeline.broker.sends import Sends
 from pipeline.broker.stream import BatchedTopic
 from pipeline.cohorts import cohort, segment_sizes
@@ -441,7 +441,7 @@ def create_app(settings: Settings, segments: Sequence[Segment], *, live_definiti
                     # batch, and faust 0.15 commits past a failed batch of one record, or past any
                     # before a partition's first commit (docs/reliability.md defect 5): lost events.
                     log.error("profile stage: batch %s failed (attempt %d), folding it again: %r",
-                              _where(batch), attempt, exc, exc_info=attempt == 1)
+                              where(batch), attempt, exc, exc_info=attempt == 1)
                     await asyncio.sleep(min(2.0 ** (attempt - 1), 30.0))
 
     class Batch:
@@ -1104,15 +1104,6 @@ def create_app(settings: Settings, segments: Sequence[Segment], *, live_definiti
 # state lock: while events wait for the profile stage, and while none do.
 SCAN_CHUNK = 1000
 SCAN_CHUNK_IDLE = 5000
-
-
-def _where(batch: Sequence[Any]) -> str:
-    """A batch's records as topic[partition]@first..last per partition, for the logs."""
-    spans: dict[tuple[str, int], list[int]] = {}
-    for message in batch:
-        span = spans.setdefault((message.topic, message.partition), [message.offset, message.offset])
-        span[0], span[1] = min(span[0], message.offset), max(span[1], message.offset)
-    return ", ".join(f"{topic}[{partition}]@{first}..{last}" for (topic, partition), (first, last) in spans.items())
 
 
 def _headers(message: Any) -> dict[str, bytes]:

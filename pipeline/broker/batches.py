@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import heapq
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
@@ -143,9 +143,8 @@ class BatchConsumer:
         except Exception as exc:
             # A failure that is not the input's fault (bad input is a dead letter, not an
             # exception): consume the batch again after a pause, losing nothing.
-            where = ", ".join(f"{tp.topic}[{tp.partition}]@{b[0].offset}..{b[-1].offset}"
-                              for tp, b in fetched.items() if b)
-            log.error("%s: handling %s failed, retrying in 1 s: %r", self.group_id, where, exc, exc_info=True)
+            log.error("%s: handling %s failed, retrying in 1 s: %r", self.group_id, where(records), exc,
+                      exc_info=True)
             for tp, batch in fetched.items():
                 if batch:
                     consumer.seek(tp, batch[0].offset)
@@ -248,6 +247,16 @@ class BatchConsumer:
     def joined(self) -> bool:
         """The group gave this consumer its partitions (perhaps none) at least once."""
         return self._joined.is_set()
+
+
+def where(records: Iterable[Any]) -> str:
+    """Records (anything with topic, partition, offset) as topic[partition]@first..last, for the logs
+    of the one error policy of the batched stages: a failed batch is logged and handled again."""
+    spans: dict[tuple[str, int], list[int]] = {}
+    for record in records:
+        span = spans.setdefault((record.topic, record.partition), [record.offset, record.offset])
+        span[0], span[1] = min(span[0], record.offset), max(span[1], record.offset)
+    return ", ".join(f"{topic}[{partition}]@{first}..{last}" for (topic, partition), (first, last) in spans.items())
 
 
 def first_gap(offsets: Sequence[int], expected: int | None) -> tuple[int, int] | None:

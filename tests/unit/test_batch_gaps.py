@@ -34,3 +34,13 @@ def test_the_gap_found_is_the_first_missing_offset(start, steps):
     else:
         i = holes[0]
         assert gap == (i, offsets[i - 1] + 1)
+
+
+def test_where_names_each_partition_s_offsets():
+    from types import SimpleNamespace
+
+    from pipeline.broker.batches import where
+
+    records = [SimpleNamespace(topic="a", partition=0, offset=o) for o in (5, 6, 7)] + [
+        SimpleNamespace(topic="b", partition=2, offset=9)]
+    assert where(records) == "a[0]@5..7, b[2]@9..9"
